@@ -1,0 +1,287 @@
+"""The `berth` command line. It only builds settings or requests and calls the library."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from berth.client.credentials import credentials_path
+from berth.client.http import BerthClient, BerthClientError
+
+app = typer.Typer(help="Berth: serve MLflow models behind Databricks-compatible endpoints.", no_args_is_help=True)
+endpoints_app = typer.Typer(help="Manage serving endpoints on a running server.", no_args_is_help=True)
+app.add_typer(endpoints_app, name="endpoints")
+console = Console()
+err_console = Console(stderr=True)
+
+HostOpt = Annotated[str | None, typer.Option("--host", envvar="BERTH_HOST", help="Server URL.")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="BERTH_TOKEN", help="Bearer token.")]
+BindHost = Annotated[str | None, typer.Option("--host", help="Interface to listen on [env BERTH_BIND_HOST].")]
+Port = Annotated[int | None, typer.Option("--port", help="Port to listen on (0: any free port) [env BERTH_PORT].")]
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="State directory [env BERTH_DATA_DIR].")]
+StoreUrl = Annotated[str | None, typer.Option("--store-url", help="SQLAlchemy URL [env BERTH_STORE_URL].")]
+
+
+def _settings(host: str | None, port: int | None, data_dir: Path | None, store_url: str | None = None):  # type: ignore[no-untyped-def]
+    from berth.settings import Settings
+
+    return Settings.from_env(bind_host=host, port=port, data_dir=data_dir, store_url=store_url)
+
+
+def _print_token(token: Any) -> None:
+    if token.generated:
+        console.print(f"Admin token (shown once, saved to {credentials_path()}):")
+        console.print(f"  {token.token}", soft_wrap=True)
+    else:
+        console.print(f"Admin token: the one in {credentials_path()} (or BERTH_ADMIN_TOKEN).")
+
+
+def _example_body(model_dir: Path | None) -> str:
+    if model_dir is not None:
+        example = model_dir / "serving_input_example.json"
+        if example.is_file():
+            try:
+                return json.dumps(json.loads(example.read_text()), separators=(",", ":"))
+            except ValueError:
+                pass
+    return '{"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}'
+
+
+@app.command()
+def serve(
+    model_uri: Annotated[str, typer.Argument(help="MLflow model directory or file:// URI.")],
+    name: Annotated[str | None, typer.Option("--name", help="Endpoint name (default: the model directory's name).")] = None,
+    host: BindHost = None,
+    port: Port = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Start the platform and serve one model from it: prints the URL, a token and a curl line."""
+    from berth.control.spec import sanitize_name
+    from berth.errors import BerthError
+    from berth.server import run_platform
+
+    local = _local_model_dir(model_uri)
+    endpoint_name = name or sanitize_name(local.name)
+    settings = _settings(host, port, data_dir)
+    entity = {"name": endpoint_name, "entity_name": str(local), "workload_size": "Small"}
+
+    async def on_ready(platform: Any, url: str, token: Any) -> None:
+        service = platform.service
+        try:
+            try:
+                current = service.get(endpoint_name)
+                entities = current.get("config", {}).get("served_entities", [])
+                if [e.get("entity_name") for e in entities] != [str(local)]:
+                    service.update_config(endpoint_name, {"served_entities": [entity]})
+            except BerthError as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                service.create({"name": endpoint_name, "config": {"served_entities": [entity]}}, creator="admin")
+        except BerthError as exc:
+            err_console.print(f"[red]Cannot serve {model_uri}: {exc.message}[/red]")
+            return
+        invocations = f"{url}/serving-endpoints/{endpoint_name}/invocations"
+        console.print(f"Berth is running at {url} (data in {settings.data_dir})")
+        _print_token(token)
+        console.print(f"Endpoint [bold]{endpoint_name}[/bold] serves {local}")
+        console.print("Query it with:")
+        header = f"Authorization: Bearer {token.token}" if token.generated else "Authorization: Bearer $BERTH_TOKEN"
+        console.print(
+            "  curl -s "
+            + " ".join(
+                [
+                    shlex.quote(invocations),
+                    "-H", shlex.quote(header),
+                    "-H", shlex.quote("Content-Type: application/json"),
+                    "-d", shlex.quote(_example_body(local)),
+                ]
+            ),
+            soft_wrap=True,
+            highlight=False,
+        )
+        with console.status("Loading the model in its replica…"):
+            while True:
+                view = service.get(endpoint_name)
+                state = view["state"]
+                if state["config_update"] != "IN_PROGRESS":
+                    break
+                await asyncio.sleep(0.1)
+        if state["ready"] == "READY":
+            console.print(f"[green]Endpoint {endpoint_name} is READY.[/green] Press Ctrl-C to stop.")
+        else:
+            messages = [
+                e["state"]["deployment_state_message"] for e in view.get("config", {}).get("served_entities", [])
+            ]
+            err_console.print(f"[red]Endpoint {endpoint_name} failed to deploy:[/red]\n" + "\n".join(messages))
+
+    _run(run_platform(settings, on_ready))
+
+
+@app.command()
+def server(host: BindHost = None, port: Port = None, data_dir: DataDir = None, store_url: StoreUrl = None) -> None:
+    """Run the platform as a long-lived service; endpoints come back after a restart."""
+    from berth.server import run_platform
+
+    settings = _settings(host, port, data_dir, store_url)
+
+    async def on_ready(platform: Any, url: str, token: Any) -> None:
+        console.print(f"Berth server listening on {url} (data in {settings.data_dir})")
+        _print_token(token)
+
+    _run(run_platform(settings, on_ready))
+
+
+@app.command("demo-model")
+def demo_model(path: Annotated[Path, typer.Argument(help="Where to save the model.")] = Path("demo-model")) -> None:
+    """Write a small scikit-learn model in MLflow format (for trying Berth)."""
+    from berth.demo import make_demo_model
+
+    if path.exists():
+        err_console.print(f"{path} already exists; leaving it as it is.")
+        raise typer.Exit(0)
+    make_demo_model(path)
+    console.print(f"Saved a demo model to {path}. Serve it with: berth serve {path}")
+
+
+@endpoints_app.command("list")
+def endpoints_list(host: HostOpt = None, token: TokenOpt = None) -> None:
+    """List endpoints."""
+    result = _call(host, token, "GET", "")
+    for ep in result.get("endpoints", []):
+        state = ep.get("state", {})
+        console.print(f"{ep['name']}\t{state.get('ready')}\t{state.get('config_update')}", highlight=False)
+
+
+@endpoints_app.command("get")
+def endpoints_get(name: str, host: HostOpt = None, token: TokenOpt = None) -> None:
+    """Show an endpoint as JSON."""
+    _print_json(_call(host, token, "GET", f"/{name}"))
+
+
+@endpoints_app.command("create")
+def endpoints_create(
+    name: Annotated[str, typer.Argument(help="Endpoint name.")],
+    model_uri: Annotated[str | None, typer.Option("--model-uri", help="Serve this model (one entity).")] = None,
+    workload_size: Annotated[str, typer.Option("--workload-size")] = "Small",
+    config_json: Annotated[str | None, typer.Option("--config", help="Full config JSON (or @file).")] = None,
+    host: HostOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create an endpoint from a model URI or a full Databricks config."""
+    config = _config_arg(model_uri, workload_size, config_json)
+    _print_json(_call(host, token, "POST", "", {"name": name, "config": config}))
+
+
+@endpoints_app.command("update")
+def endpoints_update(
+    name: str,
+    model_uri: Annotated[str | None, typer.Option("--model-uri")] = None,
+    workload_size: Annotated[str, typer.Option("--workload-size")] = "Small",
+    config_json: Annotated[str | None, typer.Option("--config", help="Full config JSON (or @file).")] = None,
+    host: HostOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Replace an endpoint's config (rolled out in the background)."""
+    config = _config_arg(model_uri, workload_size, config_json)
+    _print_json(_call(host, token, "PUT", f"/{name}/config", config))
+
+
+@endpoints_app.command("delete")
+def endpoints_delete(name: str, host: HostOpt = None, token: TokenOpt = None) -> None:
+    """Delete an endpoint and stop its replicas."""
+    _call(host, token, "DELETE", f"/{name}")
+    console.print(f"Deleted endpoint {name}.")
+
+
+@app.command()
+def query(
+    name: str,
+    json_body: Annotated[str | None, typer.Option("--json", help="Request body (or @file).")] = None,
+    csv_file: Annotated[Path | None, typer.Option("--csv", help="CSV file to send as text/csv.")] = None,
+    host: HostOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Send one request to an endpoint and print the answer."""
+    if (json_body is None) == (csv_file is None):
+        err_console.print("Pass exactly one of --json or --csv.")
+        raise typer.Exit(2)
+    if csv_file is not None:
+        content, ctype = csv_file.read_bytes(), "text/csv"
+    else:
+        content, ctype = _text_arg(json_body).encode(), "application/json"  # type: ignore[arg-type]
+    try:
+        client = BerthClient(host, token)
+        response = client.request(
+            "POST", f"/serving-endpoints/{name}/invocations", content=content, headers={"Content-Type": ctype}
+        )
+    except BerthClientError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    served = response.headers.get("served-model-name")
+    if served:
+        err_console.print(f"served-model-name: {served}")
+    console.print(response.text, highlight=False, soft_wrap=True)
+
+
+def _local_model_dir(model_uri: str) -> Path:
+    path = Path(model_uri.removeprefix("file://")).expanduser()
+    if not (path / "MLmodel").is_file():
+        err_console.print(f"[red]{model_uri} is not an MLflow model directory (no MLmodel file).[/red]")
+        raise typer.Exit(2)
+    return path.resolve()
+
+
+def _text_arg(value: str) -> str:
+    return Path(value[1:]).read_text() if value.startswith("@") else value
+
+
+def _config_arg(model_uri: str | None, workload_size: str, config_json: str | None) -> dict[str, Any]:
+    if (model_uri is None) == (config_json is None):
+        err_console.print("Pass exactly one of --model-uri or --config.")
+        raise typer.Exit(2)
+    if config_json is not None:
+        try:
+            return json.loads(_text_arg(config_json))  # type: ignore[no-any-return]
+        except ValueError as exc:
+            err_console.print(f"[red]--config is not valid JSON: {exc}[/red]")
+            raise typer.Exit(2) from exc
+    uri = model_uri if "://" in model_uri else str(Path(model_uri).expanduser().resolve())  # type: ignore[operator]
+    return {"served_entities": [{"entity_name": uri, "workload_size": workload_size}]}
+
+
+def _call(host: str | None, token: str | None, method: str, path: str, body: Any = None) -> Any:
+    try:
+        client = BerthClient(host, token)
+        return client.api(method, path, body)
+    except BerthClientError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+
+
+def _print_json(payload: Any) -> None:
+    console.print_json(json.dumps(payload))
+
+
+def _run(coro: Any) -> None:
+    import uvloop
+
+    try:
+        uvloop.run(coro)
+    except KeyboardInterrupt:
+        pass
+    sys.exit(0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The reconciler: drives the backend toward each endpoint's desired replicas.
+
+Every tick it watches replicas (exits, readiness), replaces crashed ones with exponential
+backoff, fails an entity after repeated crashes or a model that cannot load, promotes a pending
+config once all its entities are ready (blue/green), retires what the old config used, persists
+state changes, and pushes a fresh routing table to the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from berth.backends.base import Backend, ReplicaExit, ReplicaSpec
+from berth.control.state import (
+    ConfigRuntime,
+    ConfigUpdate,
+    Deployment,
+    EndpointRuntime,
+    EntityRuntime,
+    ReplicaPhase,
+    ReplicaState,
+    now_ms,
+)
+from berth.gateway.routing import EndpointRoute, EntityRoute, EntityStatus, RoutingTable
+from berth.store import ReplicaRecord, Store
+
+log = logging.getLogger("berth.reconciler")
+
+TICK_S = 0.1
+
+
+@dataclass(frozen=True)
+class CrashPolicy:
+    """Restart backoff and the crash count after which an entity is failed."""
+
+    limit: int = 5
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+    stable_after_s: float = 60.0
+
+    def delay(self, crashes: int) -> float:
+        """Seconds to wait before restarting after the n-th consecutive crash (n >= 1)."""
+        return min(self.backoff_max_s, self.backoff_s * 2 ** max(0, crashes - 1))
+
+    def consecutive(self, previous: int, ran_for_s: float | None) -> int:
+        """The crash count after one more crash; a replica that served long enough resets it."""
+        if ran_for_s is not None and ran_for_s >= self.stable_after_s:
+            return 1
+        return previous + 1
+
+
+class Reconciler:
+    """Owns the in-memory endpoints and makes the backend match them."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        store: Store,
+        *,
+        crash_policy: CrashPolicy,
+        memory_limit_mb: int,
+        start_timeout_s: float,
+        on_routes: Callable[[RoutingTable], None],
+        on_persist: Callable[[EndpointRuntime], None],
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.crash_policy = crash_policy
+        self.memory_limit_mb = memory_limit_mb
+        self.start_timeout_s = start_timeout_s
+        self.on_routes = on_routes
+        self.on_persist = on_persist
+        self.endpoints: dict[str, EndpointRuntime] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    # Lifecycle
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="berth-reconciler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for ep in list(self.endpoints.values()):
+            await self._stop_entities(ep.entities(), grace_s=5.0)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.reconcile_once()
+            except Exception:  # one bad pass must not stop the loop
+                log.exception("reconcile pass failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+
+    # Endpoints
+    def add(self, endpoint: EndpointRuntime) -> None:
+        self.endpoints[endpoint.name] = endpoint
+        self.publish_routes()
+        self.wake()
+
+    async def remove(self, name: str) -> None:
+        endpoint = self.endpoints.pop(name, None)
+        self.publish_routes()
+        if endpoint is not None:
+            await self._stop_entities(endpoint.entities(), grace_s=5.0)
+
+    # One pass
+    async def reconcile_once(self) -> None:
+        now = time.monotonic()
+        routes_changed = False
+        for endpoint in list(self.endpoints.values()):
+            changed = False
+            for entity in endpoint.entities():
+                changed |= await self._reconcile_entity(entity, now)
+            changed |= self._advance_config(endpoint)
+            if changed and endpoint.name in self.endpoints:
+                endpoint.last_updated_timestamp = now_ms()
+                self.on_persist(endpoint)
+                routes_changed = True
+        if routes_changed:
+            self.publish_routes()
+
+    async def _reconcile_entity(self, entity: EntityRuntime, now: float) -> bool:
+        if entity.retired or entity.deployment is Deployment.FAILED:
+            return False
+        changed = False
+        for rid, replica in list(entity.replicas.items()):
+            exit_info = self.backend.exited(rid)
+            if exit_info is not None:
+                del entity.replicas[rid]
+                self.store.remove_replica(rid)
+                self._on_exit(entity, replica, exit_info, now)
+                changed = True
+        if entity.deployment is Deployment.FAILED:
+            await self._stop_entities([entity], grace_s=2.0, keep_state=True)
+            return True
+
+        starting = [r for r in entity.replicas.values() if r.phase is ReplicaPhase.STARTING]
+        if starting:
+            ready = await asyncio.gather(*(self.backend.is_ready(r.handle.id) for r in starting))
+            for replica, ok in zip(starting, ready, strict=True):
+                if ok:
+                    replica.phase = ReplicaPhase.READY
+                    replica.ready_at = time.monotonic()
+                    changed = True
+                elif now - replica.started_at > self.start_timeout_s:
+                    entity.deployment = Deployment.FAILED
+                    entity.message = (
+                        f"Replica {replica.handle.id} did not become ready within "
+                        f"{self.start_timeout_s:.0f} s."
+                    )
+                    await self._stop_entities([entity], grace_s=2.0, keep_state=True)
+                    return True
+
+        missing = entity.plan.replicas - len(entity.replicas)
+        if missing > 0 and now >= entity.next_start_at:
+            for _ in range(missing):
+                await self._start_replica(entity)
+            changed = True
+
+        n_ready = len(entity.ready_replicas)
+        if n_ready >= entity.plan.replicas and entity.deployment is not Deployment.READY:
+            entity.deployment = Deployment.READY
+            entity.message = (
+                f"Serving with {n_ready} replica(s) x {entity.plan.per_replica_concurrency} "
+                "concurrent requests."
+            )
+            entity.ever_ready = True
+            changed = True
+        return changed
+
+    def _on_exit(self, entity: EntityRuntime, replica: ReplicaState, exit_info: ReplicaExit, now: float) -> None:
+        tail = exit_info.log_tail.strip()
+        if exit_info.model_load_failed:
+            entity.deployment = Deployment.FAILED
+            entity.message = f"Failed to load model {entity.spec.model_uri}. Last output:\n{tail}"
+            return
+        ran_for = None if replica.ready_at is None else now - replica.ready_at
+        entity.crashes = self.crash_policy.consecutive(entity.crashes, ran_for)
+        if entity.crashes >= self.crash_policy.limit:
+            entity.deployment = Deployment.FAILED
+            entity.message = (
+                f"Replica crashed {entity.crashes} times in a row; the last one "
+                f"{exit_info.describe()}. Last output:\n{tail}"
+            )
+            return
+        delay = self.crash_policy.delay(entity.crashes)
+        entity.next_start_at = now + delay
+        entity.deployment = Deployment.RECOVERING if entity.ever_ready else Deployment.CREATING
+        entity.message = (
+            f"Replica {replica.handle.id} {exit_info.describe()} (crash {entity.crashes} of "
+            f"{self.crash_policy.limit}); restarting in {delay:.1f} s."
+        )
+        log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message)
+
+    async def _start_replica(self, entity: EntityRuntime) -> None:
+        spec = ReplicaSpec(
+            endpoint_name=entity.endpoint_name,
+            entity_name=entity.spec.name,
+            model_uri=entity.spec.model_uri,
+            max_concurrency=entity.plan.per_replica_concurrency,
+            environment_vars=entity.spec.environment_vars,
+            memory_limit_mb=self.memory_limit_mb,
+        )
+        handle = await self.backend.start(spec)
+        entity.replicas[handle.id] = ReplicaState(handle, ReplicaPhase.STARTING, time.monotonic())
+        entity.last_replica_id = handle.id
+        self.store.add_replica(
+            ReplicaRecord(
+                id=handle.id,
+                endpoint_name=entity.endpoint_name,
+                entity_name=entity.spec.name,
+                pid=handle.pid,
+                address=handle.address,
+                started_at=time.time(),
+            )
+        )
+
+    def _advance_config(self, endpoint: EndpointRuntime) -> bool:
+        pending = endpoint.pending
+        if pending is None or endpoint.config_update is not ConfigUpdate.IN_PROGRESS:
+            return False
+        entities = list(pending.entities.values())
+        if any(e.deployment is Deployment.FAILED for e in entities):
+            endpoint.config_update = ConfigUpdate.UPDATE_FAILED
+            active_ids = {id(e) for e in (endpoint.active.entities.values() if endpoint.active else ())}
+            self._retire([e for e in entities if id(e) not in active_ids], keep_state=True)
+            if endpoint.active is None:  # a failed create: show the failure as the config
+                endpoint.active, endpoint.pending = pending, None
+            return True
+        if all(e.deployment is Deployment.READY for e in entities):
+            old = endpoint.active
+            endpoint.active, endpoint.pending = pending, None
+            endpoint.config_update = ConfigUpdate.NOT_UPDATING
+            if old is not None:
+                keep = {id(e) for e in pending.entities.values()}
+                self._retire([e for e in old.entities.values() if id(e) not in keep])
+            return True
+        return False
+
+    def _retire(self, entities: list[EntityRuntime], *, keep_state: bool = False) -> None:
+        """Stop entities in the background, after the routing table no longer names them."""
+        for e in entities:
+            e.retired = True
+        task = asyncio.create_task(self._stop_entities(entities, grace_s=30.0, keep_state=keep_state))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _stop_entities(
+        self, entities: list[EntityRuntime], *, grace_s: float, keep_state: bool = False
+    ) -> None:
+        stops = []
+        for entity in entities:
+            for rid in list(entity.replicas):
+                entity.replicas.pop(rid)
+                stops.append(self._stop_replica(rid, grace_s))
+            if not keep_state and entity.deployment is not Deployment.FAILED:
+                entity.deployment = Deployment.ABORTED if not entity.ever_ready else entity.deployment
+        await asyncio.gather(*stops)
+
+    async def _stop_replica(self, replica_id: str, grace_s: float) -> None:
+        try:
+            await self.backend.stop(replica_id, grace_s=grace_s)
+        finally:
+            self.store.remove_replica(replica_id)
+
+    # Routing
+    def publish_routes(self) -> None:
+        self.on_routes(build_routing_table(self.endpoints.values()))
+
+
+def build_routing_table(endpoints: object) -> RoutingTable:
+    """The gateway's view of the serving configs: weights, statuses and ready replicas."""
+    table: dict[str, EndpointRoute] = {}
+    for endpoint in endpoints:  # type: ignore[attr-defined]
+        active: ConfigRuntime | None = endpoint.active
+        if active is None:
+            table[endpoint.name] = EndpointRoute(endpoint.name, (), creating=True)
+            continue
+        weights = {r.served_model_name: r.traffic_percentage for r in active.config.routes}
+        entities = []
+        for spec in active.config.served_entities:
+            ent = active.entities[spec.name]
+            if ent.deployment is Deployment.FAILED:
+                status = EntityStatus.FAILED
+            elif ent.ready_replicas:
+                status = EntityStatus.READY
+            else:
+                status = EntityStatus.STARTING
+            entities.append(
+                EntityRoute(
+                    name=spec.name,
+                    percentage=weights.get(spec.name, 0),
+                    status=status,
+                    replicas=tuple((r.handle.id, r.handle.address) for r in ent.ready_replicas),
+                    message=ent.message if status is EntityStatus.FAILED else "",
+                )
+            )
+        table[endpoint.name] = EndpointRoute(endpoint.name, tuple(entities))
+    return RoutingTable(table)

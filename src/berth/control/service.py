@@ -1,0 +1,237 @@
+"""Endpoint operations behind the REST API: validate, persist, hand to the reconciler, render.
+
+Every operation validates the whole request before it writes anything, and writes the store
+before it touches the reconciler, so a failed request leaves nothing half-made.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from berth.control.reconciler import Reconciler
+from berth.control.spec import (
+    EndpointConfig,
+    ServedEntitySpec,
+    parse_config,
+    plan_replicas,
+    validate_endpoint_name,
+)
+from berth.control.state import (
+    ConfigRuntime,
+    ConfigUpdate,
+    Deployment,
+    EndpointRuntime,
+    EntityRuntime,
+    now_ms,
+)
+from berth.errors import InvalidParameterValue, ResourceConflict, ResourceDoesNotExist
+from berth.runtimes import PYFUNC
+from berth.store import EndpointRecord, Store
+
+
+class EndpointService:
+    """Create, read, update and delete serving endpoints."""
+
+    def __init__(self, store: Store, reconciler: Reconciler, *, cores: int) -> None:
+        self.store = store
+        self.reconciler = reconciler
+        self.cores = cores
+
+    # Loading after a restart
+    def load(self) -> None:
+        for record in self.store.list_endpoints():
+            self.reconciler.add(self._from_doc(record))
+
+    # Operations
+    def create(self, body: Any, creator: str) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise InvalidParameterValue("The request body must be a JSON object.")
+        name = validate_endpoint_name(body.get("name"))
+        if body.get("route_optimized"):
+            raise InvalidParameterValue(
+                "route_optimized is not supported: Berth serves every endpoint through its gateway "
+                f"at /serving-endpoints/{name}/invocations. Omit the field or set it to false."
+            )
+        config = parse_config(body.get("config"))
+        tags = _parse_tags(body.get("tags"))
+        description = body.get("description")
+        if description is not None and not isinstance(description, str):
+            raise InvalidParameterValue("'description' must be a string.")
+        ts = now_ms()
+        endpoint = EndpointRuntime(
+            name=name,
+            id=uuid.uuid4().hex,
+            creator=creator,
+            creation_timestamp=ts,
+            last_updated_timestamp=ts,
+            tags=tags,
+            description=description,
+        )
+        endpoint.pending = self._config_runtime(endpoint, 1, config)
+        endpoint.config_update = ConfigUpdate.IN_PROGRESS
+        self.store.create_endpoint(EndpointRecord(name, endpoint.id, to_doc(endpoint)))
+        self.reconciler.add(endpoint)
+        return endpoint.view()
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self._endpoint(name).view()
+
+    def list(self) -> dict[str, Any]:
+        return {"endpoints": [ep.summary() for ep in sorted(self.reconciler.endpoints.values(), key=lambda e: e.name)]}
+
+    def update_config(self, name: str, body: Any) -> dict[str, Any]:
+        endpoint = self._endpoint(name)
+        if endpoint.config_update is ConfigUpdate.IN_PROGRESS:
+            raise ResourceConflict(
+                f"Endpoint '{name}' is already being updated (config_update IN_PROGRESS); "
+                "wait for it to finish before sending another update."
+            )
+        if not isinstance(body, dict):
+            raise InvalidParameterValue("The request body must be a JSON object.")
+        config = parse_config(body)
+        pending = self._config_runtime(endpoint, endpoint.next_version, config)
+        previous = (endpoint.pending, endpoint.config_update, endpoint.last_updated_timestamp)
+        endpoint.pending, endpoint.config_update = pending, ConfigUpdate.IN_PROGRESS
+        endpoint.last_updated_timestamp = now_ms()
+        try:
+            self.store.save_endpoint(EndpointRecord(endpoint.name, endpoint.id, to_doc(endpoint)))
+        except Exception:
+            endpoint.pending, endpoint.config_update, endpoint.last_updated_timestamp = previous
+            raise
+        self.reconciler.wake()
+        return endpoint.view()
+
+    async def delete(self, name: str) -> None:
+        self._endpoint(name)
+        self.store.delete_endpoint(name)
+        await self.reconciler.remove(name)
+
+    def logs(self, name: str, served_model_name: str, *, build: bool = False) -> dict[str, str]:
+        """The output of the entity's most recent replica (build logs: its model-load part)."""
+        endpoint = self._endpoint(name)
+        entity = None
+        for cfg in (endpoint.pending, endpoint.active):
+            if cfg is not None and served_model_name in cfg.entities:
+                entity = cfg.entities[served_model_name]
+                break
+        if entity is None:
+            raise ResourceDoesNotExist(
+                f"Served entity '{served_model_name}' does not exist in endpoint '{name}'."
+            )
+        if entity.last_replica_id is None:
+            return {"logs": ""}
+        text = self.reconciler.backend.logs(entity.last_replica_id, max_lines=1000 if build else 200)
+        if build:
+            marker = text.find("model loaded, serving on")
+            if marker != -1:
+                text = text[: text.find("\n", marker) + 1]
+        return {"logs": text}
+
+    def persist(self, endpoint: EndpointRuntime) -> None:
+        self.store.save_endpoint(EndpointRecord(endpoint.name, endpoint.id, to_doc(endpoint)))
+
+    # Helpers
+    def _endpoint(self, name: str) -> EndpointRuntime:
+        endpoint = self.reconciler.endpoints.get(name)
+        if endpoint is None:
+            raise ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
+        return endpoint
+
+    def _config_runtime(self, endpoint: EndpointRuntime, version: int, config: EndpointConfig) -> ConfigRuntime:
+        reusable = {}
+        if endpoint.active is not None:
+            for ent in endpoint.active.entities.values():
+                if ent.deployment is not Deployment.FAILED and not ent.retired:
+                    reusable[ent.spec.deployment_key()] = ent
+        entities = {}
+        for spec in config.served_entities:
+            shared = reusable.get(spec.deployment_key())
+            entities[spec.name] = shared if shared is not None else self._entity(endpoint.name, spec)
+        return ConfigRuntime(version=version, config=config, entities=entities)
+
+    def _entity(self, endpoint_name: str, spec: ServedEntitySpec) -> EntityRuntime:
+        plan = plan_replicas(
+            spec.max_provisioned_concurrency,
+            PYFUNC.per_replica_concurrency,
+            self.cores,
+            cpu_bound=PYFUNC.cpu_bound,
+        )
+        return EntityRuntime(endpoint_name=endpoint_name, spec=spec, plan=plan)
+
+    def _from_doc(self, record: EndpointRecord) -> EndpointRuntime:
+        doc = record.doc
+        endpoint = EndpointRuntime(
+            name=record.name,
+            id=record.id,
+            creator=doc["creator"],
+            creation_timestamp=doc["creation_timestamp"],
+            last_updated_timestamp=doc["last_updated_timestamp"],
+            config_update=ConfigUpdate(doc["config_update"]),
+            tags=doc.get("tags", []),
+            description=doc.get("description"),
+        )
+        for slot in ("active", "pending"):
+            saved = doc.get(slot)
+            if saved is None:
+                continue
+            cfg = self._config_runtime(endpoint, saved["version"], parse_config(saved["config"]))
+            cfg.start_time = saved.get("start_time", cfg.start_time)
+            for ent_name, ent in cfg.entities.items():
+                state = saved["entities"].get(ent_name, {})
+                ent.creation_timestamp = state.get("creation_timestamp", ent.creation_timestamp)
+                if state.get("deployment") == Deployment.FAILED.value:
+                    ent.deployment, ent.message = Deployment.FAILED, state.get("message", "")
+                elif state.get("deployment") in (Deployment.READY.value, Deployment.RECOVERING.value):
+                    ent.deployment, ent.ever_ready = Deployment.RECOVERING, True
+                    ent.message = "Server restarted; starting replicas."
+            setattr(endpoint, slot, cfg)
+        return endpoint
+
+
+def to_doc(endpoint: EndpointRuntime) -> dict[str, Any]:
+    """The stored form of an endpoint."""
+
+    def cfg_doc(cfg: ConfigRuntime | None) -> dict[str, Any] | None:
+        if cfg is None:
+            return None
+        return {
+            "version": cfg.version,
+            "start_time": cfg.start_time,
+            "config": cfg.config.to_dict(),
+            "entities": {
+                name: {
+                    "deployment": ent.deployment.value,
+                    "message": ent.message,
+                    "creation_timestamp": ent.creation_timestamp,
+                }
+                for name, ent in cfg.entities.items()
+            },
+        }
+
+    return {
+        "creator": endpoint.creator,
+        "creation_timestamp": endpoint.creation_timestamp,
+        "last_updated_timestamp": endpoint.last_updated_timestamp,
+        "config_update": endpoint.config_update.value,
+        "tags": endpoint.tags,
+        "description": endpoint.description,
+        "active": cfg_doc(endpoint.active),
+        "pending": cfg_doc(endpoint.pending),
+    }
+
+
+def _parse_tags(raw: Any) -> list[dict[str, str]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidParameterValue("'tags' must be a list of {key, value} objects.")
+    tags = []
+    for i, tag in enumerate(raw):
+        if not isinstance(tag, dict) or not isinstance(tag.get("key"), str):
+            raise InvalidParameterValue(f"tags[{i}] must be an object with a string 'key'.")
+        value = tag.get("value")
+        if value is not None and not isinstance(value, str):
+            raise InvalidParameterValue(f"tags[{i}].value must be a string.")
+        tags.append({"key": tag["key"], **({"value": value} if value is not None else {})})
+    return tags

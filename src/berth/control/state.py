@@ -1,0 +1,168 @@
+"""Endpoint lifecycle: the Databricks state enums and the runtime objects the reconciler drives."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from berth.backends.base import ReplicaHandle
+from berth.control.spec import EndpointConfig, ReplicaPlan, ServedEntitySpec
+
+
+class Ready(enum.StrEnum):
+    READY = "READY"
+    NOT_READY = "NOT_READY"
+
+
+class ConfigUpdate(enum.StrEnum):
+    NOT_UPDATING = "NOT_UPDATING"
+    IN_PROGRESS = "IN_PROGRESS"
+    UPDATE_FAILED = "UPDATE_FAILED"
+    UPDATE_CANCELED = "UPDATE_CANCELED"
+
+
+class Deployment(enum.StrEnum):
+    CREATING = "DEPLOYMENT_CREATING"
+    READY = "DEPLOYMENT_READY"
+    FAILED = "DEPLOYMENT_FAILED"
+    ABORTED = "DEPLOYMENT_ABORTED"
+    RECOVERING = "DEPLOYMENT_RECOVERING"
+
+
+class ReplicaPhase(enum.StrEnum):
+    STARTING = "STARTING"
+    READY = "READY"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class ReplicaState:
+    handle: ReplicaHandle
+    phase: ReplicaPhase
+    started_at: float
+    ready_at: float | None = None
+
+
+@dataclass
+class EntityRuntime:
+    """One served entity's replicas and health. Shared between configs when unchanged."""
+
+    endpoint_name: str
+    spec: ServedEntitySpec
+    plan: ReplicaPlan
+    creation_timestamp: int = field(default_factory=now_ms)
+    deployment: Deployment = Deployment.CREATING
+    message: str = "Starting replicas."
+    replicas: dict[str, ReplicaState] = field(default_factory=dict)
+    crashes: int = 0
+    next_start_at: float = 0.0
+    ever_ready: bool = False
+    retired: bool = False
+    last_replica_id: str | None = None
+
+    @property
+    def ready_replicas(self) -> list[ReplicaState]:
+        return [r for r in self.replicas.values() if r.phase is ReplicaPhase.READY]
+
+    def view(self, creator: str) -> dict[str, Any]:
+        out = self.spec.to_dict()
+        out["creator"] = creator
+        out["creation_timestamp"] = self.creation_timestamp
+        out["state"] = {"deployment": self.deployment.value, "deployment_state_message": self.message}
+        return out
+
+
+@dataclass
+class ConfigRuntime:
+    version: int
+    config: EndpointConfig
+    entities: dict[str, EntityRuntime]
+    start_time: int = field(default_factory=now_ms)
+
+    def view(self, creator: str, *, pending: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "config_version": self.version,
+            "served_entities": [self.entities[e.name].view(creator) for e in self.config.served_entities],
+            "traffic_config": {"routes": [r.to_dict() for r in self.config.routes]},
+        }
+        if pending:
+            out["start_time"] = self.start_time
+        return out
+
+
+@dataclass
+class EndpointRuntime:
+    """An endpoint in memory: its serving config and, during an update, the pending one."""
+
+    name: str
+    id: str
+    creator: str
+    creation_timestamp: int
+    last_updated_timestamp: int
+    active: ConfigRuntime | None = None
+    pending: ConfigRuntime | None = None
+    config_update: ConfigUpdate = ConfigUpdate.IN_PROGRESS
+    tags: list[dict[str, str]] = field(default_factory=list)
+    description: str | None = None
+
+    def entities(self) -> list[EntityRuntime]:
+        """Every distinct entity of the active and pending configs."""
+        seen: dict[int, EntityRuntime] = {}
+        for cfg in (self.active, self.pending):
+            if cfg is not None:
+                for ent in cfg.entities.values():
+                    seen.setdefault(id(ent), ent)
+        return list(seen.values())
+
+    @property
+    def ready(self) -> Ready:
+        if self.active is None:
+            return Ready.NOT_READY
+        ok = all(e.ready_replicas and e.deployment is not Deployment.FAILED
+                 for e in self.active.entities.values())
+        return Ready.READY if ok else Ready.NOT_READY
+
+    @property
+    def next_version(self) -> int:
+        versions = [c.version for c in (self.active, self.pending) if c is not None]
+        return max(versions, default=0) + 1
+
+    def view(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "id": self.id,
+            "creator": self.creator,
+            "creation_timestamp": self.creation_timestamp,
+            "last_updated_timestamp": self.last_updated_timestamp,
+            "state": {"ready": self.ready.value, "config_update": self.config_update.value},
+            "permission_level": "CAN_MANAGE",
+            "route_optimized": False,
+            "tags": list(self.tags),
+        }
+        if self.description is not None:
+            out["description"] = self.description
+        if self.active is not None:
+            out["config"] = self.active.view(self.creator)
+        if self.pending is not None:
+            out["pending_config"] = self.pending.view(self.creator, pending=True)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The list form: config reduced to entity names and versions."""
+        out = self.view()
+        cfg = self.active or self.pending
+        out.pop("pending_config", None)
+        if cfg is not None:
+            out["config"] = {
+                "config_version": cfg.version,
+                "served_entities": [
+                    {k: v for k, v in e.spec.to_dict().items() if k in ("name", "entity_name", "entity_version")}
+                    for e in cfg.entities.values()
+                ],
+            }
+        return out

@@ -1,0 +1,1 @@
+"""The data plane: auth, endpoint lookup, traffic split, replica choice and forwarding."""

@@ -1,0 +1,157 @@
+"""The gateway: one raw ASGI app in front of everything.
+
+Open paths are answered directly; every other request needs a bearer token. Invocations take
+the hot path (routing table → traffic split → replica → pooled forward) with no framework;
+everything else goes to the control plane's app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+from berth.errors import BerthError, DeadlineExceeded, ResourceDoesNotExist, TemporarilyUnavailable
+from berth.gateway.auth import TokenAuthority
+from berth.gateway.routing import RoutingTable, choose_entity, choose_replica
+from berth.gateway.upstream import Upstream, UpstreamError
+from berth.http import JSON, ASGIApp, Receive, Scope, Send, header, read_body, send_error, send_response
+
+INVOCATIONS_PREFIX = "/serving-endpoints/"
+INVOCATIONS_SUFFIX = "/invocations"
+_HEALTH_HEADERS = [(b"content-type", JSON)]
+_NOT_FOUND = b'{"error_code":"NOT_FOUND","message":"Not found"}'
+
+
+class Gateway:
+    """Holds the routing table and a connection pool per ready replica."""
+
+    def __init__(self, auth: TokenAuthority, *, request_timeout_s: float) -> None:
+        self.auth = auth
+        self.request_timeout_s = request_timeout_s
+        self.table = RoutingTable()
+        self.upstreams: dict[str, Upstream] = {}
+
+    def set_routes(self, table: RoutingTable) -> None:
+        """Swap in a new routing table; pools of replicas it no longer names are closed."""
+        live: dict[str, str] = {}
+        for endpoint in table.endpoints.values():
+            for entity in endpoint.entities:
+                live.update(entity.replicas)
+        for rid in list(self.upstreams):
+            if rid not in live:
+                self.upstreams.pop(rid).close()
+        for rid, address in live.items():
+            if rid not in self.upstreams:
+                self.upstreams[rid] = Upstream(address)
+        self.table = table
+
+    def _outstanding(self, replica_id: str) -> int:
+        upstream = self.upstreams.get(replica_id)
+        return upstream.outstanding if upstream is not None else 0
+
+    async def invoke(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.table.endpoints.get(name)
+        if route is None:
+            await send_error(send, ResourceDoesNotExist(f"Endpoint '{name}' does not exist."))
+            return
+        choice = choose_entity(route, random.random() * 100.0)
+        if isinstance(choice, BerthError):
+            await send_error(send, choice)
+            return
+        replica_id, _ = choose_replica(choice.replicas, self._outstanding)
+        upstream = self.upstreams[replica_id]
+        body = await read_body(receive)
+        content_type = header(scope, b"content-type") or b""
+        try:
+            response = await upstream.request(b"/invocations", body, content_type, self.request_timeout_s)
+        except UpstreamError as exc:
+            await send_error(
+                send,
+                TemporarilyUnavailable(
+                    f"Replica of served entity '{choice.name}' stopped before answering ({exc}); "
+                    "retry the request.",
+                    retry_after=1,
+                ),
+            )
+            return
+        except TimeoutError:
+            await send_error(
+                send,
+                DeadlineExceeded(
+                    f"Served entity '{choice.name}' did not answer within {self.request_timeout_s:g} s."
+                ),
+            )
+            return
+        await send_response(
+            send,
+            response.status,
+            response.body,
+            [(b"content-type", response.content_type), (b"served-model-name", choice.name.encode())],
+        )
+
+    def close(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.close()
+        self.upstreams.clear()
+
+
+class RootApp:
+    """The server's ASGI entry: lifespan, open paths, auth, then data plane or control plane."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        control: ASGIApp,
+        *,
+        on_startup: Callable[[], Awaitable[None]],
+        on_shutdown: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.gateway = gateway
+        self.control = control
+        self.on_startup = on_startup
+        self.on_shutdown = on_shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path in ("/ping", "/health"):
+            await send_response(send, 200, b"\n", _HEALTH_HEADERS)
+            return
+        if path == "/.well-known/databricks-config":
+            await send_response(send, 404, _NOT_FOUND, _HEALTH_HEADERS)
+            return
+        try:
+            self.gateway.auth.check(header(scope, b"authorization"))
+        except BerthError as exc:
+            await send_error(send, exc)
+            return
+        if path.startswith(INVOCATIONS_PREFIX) and path.endswith(INVOCATIONS_SUFFIX):
+            name = path[len(INVOCATIONS_PREFIX) : -len(INVOCATIONS_SUFFIX)]
+            if "/" not in name and name and scope["method"] == "POST":
+                await self.gateway.invoke(name, scope, receive, send)
+                return
+        await self.control(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.on_startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await asyncio.shield(self.on_shutdown())
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,94 @@
+"""The gateway's in-memory routing table and the pure choices made on it per request.
+
+The control plane builds a new immutable `RoutingTable` whenever replicas or configs change and
+swaps it in; the hot path only reads it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from berth.errors import BerthError, InvalidState, TemporarilyUnavailable
+
+
+class EntityStatus(enum.StrEnum):
+    READY = "ready"  # has ready replicas
+    STARTING = "starting"  # no ready replica yet, or all restarting
+    FAILED = "failed"  # cannot serve until its config changes
+
+
+@dataclass(frozen=True)
+class EntityRoute:
+    name: str
+    percentage: int
+    status: EntityStatus
+    replicas: tuple[tuple[str, str], ...] = ()  # (replica id, address) of ready replicas
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class EndpointRoute:
+    name: str
+    entities: tuple[EntityRoute, ...]
+    creating: bool = False  # no config has gone live yet
+    cumulative: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        total = 0
+        cum = []
+        for e in self.entities:
+            total += e.percentage
+            cum.append(total)
+        object.__setattr__(self, "cumulative", tuple(cum))
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    endpoints: Mapping[str, EndpointRoute] = field(default_factory=dict)
+
+
+def choose_entity(route: EndpointRoute, draw: float) -> EntityRoute | BerthError:
+    """The entity a request goes to, by traffic percentage (`draw` uniform in [0, 100)),
+    or the error that answers it instead."""
+    if route.creating:
+        return TemporarilyUnavailable(
+            f"Endpoint '{route.name}' is not ready yet: its served entities are still starting.",
+            retry_after=5,
+        )
+    if not route.cumulative or route.cumulative[-1] <= 0:
+        return InvalidState(f"Endpoint '{route.name}' routes no traffic to any served entity.")
+    index = bisect.bisect_right(route.cumulative, draw * route.cumulative[-1] / 100.0)
+    entity = route.entities[min(index, len(route.entities) - 1)]
+    if entity.status is EntityStatus.FAILED:
+        return InvalidState(
+            f"Endpoint '{route.name}' cannot serve: served entity '{entity.name}' failed. "
+            f"{entity.message}".strip()
+        )
+    if entity.status is EntityStatus.STARTING or not entity.replicas:
+        return TemporarilyUnavailable(
+            f"Served entity '{entity.name}' of endpoint '{route.name}' has no ready replica "
+            "right now; retry shortly.",
+            retry_after=1,
+        )
+    return entity
+
+
+def choose_replica(
+    replicas: tuple[tuple[str, str], ...],
+    outstanding: Callable[[str], int],
+    rand: Callable[[int], int] = random.randrange,
+) -> tuple[str, str]:
+    """Power of two choices: of two random replicas, the one with fewer requests outstanding."""
+    n = len(replicas)
+    if n == 1:
+        return replicas[0]
+    i = rand(n)
+    j = rand(n - 1)
+    if j >= i:
+        j += 1
+    a, b = replicas[i], replicas[j]
+    return a if outstanding(a[0]) <= outstanding(b[0]) else b

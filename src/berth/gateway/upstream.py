@@ -1,0 +1,183 @@
+"""Pooled keep-alive HTTP/1.1 connections from the gateway to one replica (Unix socket or TCP).
+
+A small asyncio protocol with httptools' response parser: no framework and no per-request
+allocation beyond the request bytes and the response it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from dataclasses import dataclass
+
+import httptools
+
+
+class UpstreamError(Exception):
+    """The replica could not be reached, or the connection broke before a full response."""
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent  # whether any response byte had arrived
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    content_type: bytes
+    body: bytes
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = ("chunks", "closed", "content_type", "got_bytes", "keep_alive", "parser", "reused", "transport", "waiter")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.closed = False
+        self.content_type = b"application/json"
+        self.chunks: list[bytes] = []
+        self.got_bytes = False
+        self.keep_alive = True
+        self.reused = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"invalid response from replica: {exc}", sent=True))
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(
+            UpstreamError("replica closed the connection before answering", sent=self.got_bytes)
+        )
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type":
+            self.content_type = value
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+            waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.content_type, body))
+
+    def _fail(self, exc: UpstreamError) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
+        assert self.transport is not None
+        self.chunks = []
+        self.content_type = b"application/json"
+        self.got_bytes = False
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return self.waiter
+
+
+class Upstream:
+    """A pool of keep-alive connections to one replica address, with an outstanding-request count."""
+
+    def __init__(self, address: str, *, max_idle: int = 256) -> None:
+        self.address = address
+        self.outstanding = 0
+        self._idle: deque[_Connection] = deque()
+        self._max_idle = max_idle
+        self._closed = False
+        kind, _, target = address.partition(":")
+        if kind == "unix":
+            self._unix_path: str | None = target
+            self._tcp: tuple[str, int] | None = None
+        elif kind == "tcp":
+            host, _, port = target.rpartition(":")
+            self._unix_path = None
+            self._tcp = (host.strip("[]"), int(port))
+        else:
+            raise ValueError(f"unsupported replica address {address!r}")
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            if self._unix_path is not None:
+                _, conn = await loop.create_unix_connection(_Connection, self._unix_path)
+            else:
+                assert self._tcp is not None
+                _, conn = await loop.create_connection(_Connection, *self._tcp)
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to replica at {self.address}: {exc}", sent=False) from exc
+        return conn
+
+    async def request(self, path: bytes, body: bytes, content_type: bytes, timeout: float) -> UpstreamResponse:
+        """POST `body` to `path`; retries once on a fresh connection if a reused one was stale."""
+        head = b"".join(
+            (
+                b"POST ", path, b" HTTP/1.1\r\nHost: replica\r\nContent-Type: ",
+                content_type, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n",
+            )
+        )
+        data = head + body
+        self.outstanding += 1
+        try:
+            for attempt in (0, 1):
+                conn = self._take_idle()
+                if conn is None:
+                    conn = await self._connect()
+                try:
+                    response = await asyncio.wait_for(conn.send(data), timeout)
+                except UpstreamError as exc:
+                    # A reused connection the replica closed while idle: nothing was processed.
+                    if attempt == 0 and conn.reused and not exc.sent:
+                        continue
+                    raise
+                except TimeoutError:
+                    if conn.transport is not None:
+                        conn.transport.close()
+                    raise
+                self._give_back(conn)
+                return response
+            raise AssertionError("unreachable")
+        finally:
+            self.outstanding -= 1
+
+    def _take_idle(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    def _give_back(self, conn: _Connection) -> None:
+        conn.waiter = None
+        if self._closed or conn.closed or not conn.keep_alive or len(self._idle) >= self._max_idle:
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        self._idle.append(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.transport is not None:
+                conn.transport.close()

@@ -1,0 +1,1 @@
+"""A replica: one process that loads one served entity's model once and answers predictions."""

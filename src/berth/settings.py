@@ -1,0 +1,82 @@
+"""Platform settings: one frozen object, built once from flags and `BERTH_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_REPLICA_MEMORY_LIMIT_MB = 4096
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+DEFAULT_REPLICA_START_TIMEOUT_S = 300.0
+DEFAULT_CRASH_LIMIT = 5
+DEFAULT_CRASH_BACKOFF_S = 0.5
+DEFAULT_CRASH_BACKOFF_MAX_S = 30.0
+DEFAULT_STABLE_AFTER_S = 60.0
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".berth"
+
+
+def host_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings. Every field can be set as `BERTH_<FIELD>` in the environment."""
+
+    bind_host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=default_data_dir)
+    store_url: str | None = None
+    admin_token: str | None = None
+    replica_memory_limit_mb: int = DEFAULT_REPLICA_MEMORY_LIMIT_MB
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    replica_start_timeout_s: float = DEFAULT_REPLICA_START_TIMEOUT_S
+    crash_limit: int = DEFAULT_CRASH_LIMIT
+    crash_backoff_s: float = DEFAULT_CRASH_BACKOFF_S
+    crash_backoff_max_s: float = DEFAULT_CRASH_BACKOFF_MAX_S
+    stable_after_s: float = DEFAULT_STABLE_AFTER_S
+    cores: int = field(default_factory=host_cores)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then `BERTH_*` variables, then explicit overrides (CLI flags) that are not None."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"BERTH_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"]).expanduser()
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.data_dir / 'berth.db'}"
+
+
+def _convert(type_name: Any, raw: str) -> Any:
+    t = str(type_name)
+    if t.startswith("int"):
+        return int(raw)
+    if t.startswith("float"):
+        return float(raw)
+    if t == "Path":
+        return Path(raw)
+    return raw

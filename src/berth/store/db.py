@@ -1,0 +1,164 @@
+"""The store: SQLite by default, any SQLAlchemy URL (PostgreSQL) by setting.
+
+Endpoint documents are kept as JSON beside their indexed name, so the shape can grow without
+schema churn; every write is one transaction, so a failed operation leaves nothing half-made.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from berth.errors import ResourceAlreadyExists, ResourceDoesNotExist
+
+metadata = sa.MetaData()
+
+endpoints = sa.Table(
+    "endpoints",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("id", sa.String(32), nullable=False, unique=True),
+    sa.Column("doc", sa.Text, nullable=False),
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("comment", sa.String(256), nullable=False, default=""),
+    sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("endpoint_name", sa.String(64), nullable=False),
+    sa.Column("entity_name", sa.String(64), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("address", sa.String(512), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+)
+
+
+@dataclass
+class EndpointRecord:
+    """An endpoint as stored: identity plus a JSON document the control plane owns."""
+
+    name: str
+    id: str
+    doc: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    id: str
+    endpoint_name: str
+    entity_name: str
+    pid: int | None
+    address: str
+    started_at: float
+
+
+class Store:
+    """All durable state. Methods are short synchronous transactions."""
+
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.engine = sa.create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # Endpoints
+    def create_endpoint(self, record: EndpointRecord) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    endpoints.insert().values(
+                        name=record.name, id=record.id, doc=orjson.dumps(record.doc).decode()
+                    )
+                )
+        except IntegrityError as exc:
+            raise ResourceAlreadyExists(f"Endpoint '{record.name}' already exists.") from exc
+
+    def save_endpoint(self, record: EndpointRecord) -> None:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                endpoints.update()
+                .where(endpoints.c.name == record.name)
+                .values(doc=orjson.dumps(record.doc).decode())
+            )
+            if result.rowcount == 0:
+                raise ResourceDoesNotExist(f"Endpoint '{record.name}' does not exist.")
+
+    def get_endpoint(self, name: str) -> EndpointRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(endpoints.select().where(endpoints.c.name == name)).first()
+        if row is None:
+            raise ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
+        return EndpointRecord(row.name, row.id, orjson.loads(row.doc))
+
+    def list_endpoints(self) -> list[EndpointRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(endpoints.select().order_by(endpoints.c.name)).all()
+        return [EndpointRecord(r.name, r.id, orjson.loads(r.doc)) for r in rows]
+
+    def delete_endpoint(self, name: str) -> None:
+        with self.engine.begin() as conn:
+            result = conn.execute(endpoints.delete().where(endpoints.c.name == name))
+            if result.rowcount == 0:
+                raise ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
+
+    # Tokens (only hashes are stored)
+    def add_token(self, token_hash: str, *, comment: str = "", is_admin: bool = False) -> None:
+        with self.engine.begin() as conn:
+            exists = conn.execute(
+                sa.select(tokens.c.token_hash).where(tokens.c.token_hash == token_hash)
+            ).first()
+            if exists is None:
+                conn.execute(
+                    tokens.insert().values(
+                        token_hash=token_hash,
+                        comment=comment,
+                        is_admin=is_admin,
+                        created_at=time.time(),
+                    )
+                )
+
+    def token_hashes(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return {r.token_hash for r in conn.execute(sa.select(tokens.c.token_hash))}
+
+    # Replica records: what this server started, so a restart after SIGKILL can clean up.
+    def add_replica(self, record: ReplicaRecord) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(replicas.insert().values(**record.__dict__))
+
+    def remove_replica(self, replica_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(replicas.delete().where(replicas.c.id == replica_id))
+
+    def list_replicas(self) -> list[ReplicaRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(replicas.select()).all()
+        return [ReplicaRecord(**row._mapping) for row in rows]
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
