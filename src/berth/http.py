@@ -27,6 +27,7 @@ def error_body(exc: BerthError) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
 
 
 async def send_response(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
