@@ -198,7 +198,7 @@ def to_doc(endpoint: EndpointRuntime) -> dict[str, Any]:
         return {
             "version": cfg.version,
             "start_time": cfg.start_time,
-            "config": cfg.config.to_dict(),
+            "config": cfg.config.to_input_dict(),
             "entities": {
                 name: {
                     "deployment": ent.deployment.value,

@@ -62,6 +62,13 @@ class ServedEntitySpec:
             self.max_provisioned_concurrency,
         )
 
+    def to_input_dict(self) -> dict[str, Any]:
+        """The entity as a create request would give it (what the store keeps)."""
+        out = self.to_dict()
+        if self.workload_size is not None:
+            del out["min_provisioned_concurrency"], out["max_provisioned_concurrency"]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "entity_name": self.entity_name}
         if self.entity_version is not None:
@@ -102,6 +109,12 @@ class EndpointConfig:
             if e.name == name:
                 return e
         raise KeyError(name)
+
+    def to_input_dict(self) -> dict[str, Any]:
+        return {
+            "served_entities": [e.to_input_dict() for e in self.served_entities],
+            "traffic_config": {"routes": [r.to_dict() for r in self.routes]},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {

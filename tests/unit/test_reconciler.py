@@ -1,0 +1,246 @@
+"""The reconciler against a fake backend: crash backoff, failure after the limit, blue/green."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from berth.backends.base import EXIT_MODEL_LOAD_FAILED, ReplicaExit, ReplicaHandle, ReplicaSpec
+from berth.control.reconciler import CrashPolicy, Reconciler
+from berth.control.service import EndpointService
+from berth.control.state import ConfigUpdate, Deployment, Ready
+from berth.gateway.routing import EntityStatus, RoutingTable
+from berth.store import Store
+
+
+class FakeBackend:
+    """Implements the `Backend` protocol in memory; the test decides readiness and exits."""
+
+    def __init__(self) -> None:
+        self.started: list[ReplicaSpec] = []
+        self.ready: set[str] = set()
+        self.exits: dict[str, ReplicaExit] = {}
+        self.stopped: list[str] = []
+        self.auto_ready = True
+
+    async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+        rid = f"r{len(self.started)}"
+        self.started.append(spec)
+        if self.auto_ready:
+            self.ready.add(rid)
+        return ReplicaHandle(rid, f"unix:/tmp/{rid}.sock", pid=None)
+
+    async def is_ready(self, replica_id: str) -> bool:
+        return replica_id in self.ready
+
+    def exited(self, replica_id: str) -> ReplicaExit | None:
+        return self.exits.get(replica_id)
+
+    async def stop(self, replica_id: str, grace_s: float = 10.0) -> None:
+        self.stopped.append(replica_id)
+
+    def logs(self, replica_id: str, max_lines: int = 200) -> str:
+        return f"log of {replica_id}"
+
+    def cleanup_orphans(self, records):  # type: ignore[no-untyped-def]
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("berth.control.reconciler.time.monotonic", clock)
+    store = Store(f"sqlite:///{tmp_path / 'berth.db'}")
+    backend = FakeBackend()
+    tables: list[RoutingTable] = []
+    holder: dict[str, EndpointService] = {}
+    reconciler = Reconciler(
+        backend,
+        store,
+        crash_policy=CrashPolicy(limit=5, backoff_s=1.0, backoff_max_s=30.0, stable_after_s=60.0),
+        memory_limit_mb=4096,
+        start_timeout_s=300.0,
+        on_routes=tables.append,
+        on_persist=lambda ep: holder["service"].persist(ep),
+    )
+    service = EndpointService(store, reconciler, cores=2)
+    holder["service"] = service
+    yield service, reconciler, backend, clock, tables
+    store.close()
+
+
+def one_entity(path: str = "/models/a", **extra):  # type: ignore[no-untyped-def]
+    return {"served_entities": [{"entity_name": path, "name": "a", **extra}]}
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_policy_backoff_doubles_and_caps():
+    policy = CrashPolicy(limit=5, backoff_s=0.5, backoff_max_s=3.0)
+    assert [policy.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert policy.consecutive(3, ran_for_s=5.0) == 4
+    assert policy.consecutive(3, ran_for_s=None) == 4
+    assert policy.consecutive(3, ran_for_s=60.0) == 1
+
+
+def test_create_becomes_ready_and_routes(world):
+    service, reconciler, backend, clock, tables = world
+
+    async def scenario():
+        view = service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        assert view["state"] == {"ready": "NOT_READY", "config_update": "IN_PROGRESS"}
+        assert "config" not in view and view["pending_config"]["config_version"] == 1
+        assert tables[-1].endpoints["ep"].creating
+        await reconciler.reconcile_once()  # starts the replica (ready at once in the fake)
+        await reconciler.reconcile_once()  # sees it ready, promotes the config
+        return service.get("ep")
+
+    view = run(scenario())
+    assert view["state"] == {"ready": "READY", "config_update": "NOT_UPDATING"}
+    assert view["config"]["served_entities"][0]["state"]["deployment"] == "DEPLOYMENT_READY"
+    route = tables[-1].endpoints["ep"]
+    assert route.entities[0].status is EntityStatus.READY
+    assert len(route.entities[0].replicas) == 1
+
+
+def test_crashes_back_off_then_fail_after_limit(world):
+    service, reconciler, backend, clock, tables = world
+
+    async def scenario():
+        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        ep = reconciler.endpoints["ep"]
+        entity = ep.active.entities["a"]
+        delays = []
+        for crash in range(1, 6):
+            (rid,) = entity.replicas
+            backend.exits[rid] = ReplicaExit(returncode=-9, log_tail=f"boom {crash}")
+            await reconciler.reconcile_once()
+            if crash < 5:
+                assert entity.deployment is Deployment.RECOVERING
+                delays.append(entity.next_start_at - clock.t)
+                before = len(backend.started)
+                await reconciler.reconcile_once()
+                assert len(backend.started) == before, "no restart before the backoff elapses"
+                clock.t = entity.next_start_at
+                await reconciler.reconcile_once()
+                assert len(backend.started) == before + 1
+        return entity, delays, ep
+
+    entity, delays, ep = run(scenario())
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    assert entity.deployment is Deployment.FAILED
+    assert "crashed 5 times" in entity.message and "boom 5" in entity.message
+    assert ep.ready is Ready.NOT_READY
+    assert tables[-1].endpoints["ep"].entities[0].status is EntityStatus.FAILED
+
+
+def test_model_load_failure_fails_at_once_without_retry(world):
+    service, reconciler, backend, clock, tables = world
+    backend.auto_ready = False
+
+    async def scenario():
+        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await reconciler.reconcile_once()
+        backend.exits["r0"] = ReplicaExit(EXIT_MODEL_LOAD_FAILED, "RuntimeError: bad weights")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        return service.get("ep")
+
+    view = run(scenario())
+    assert len(backend.started) == 1
+    assert view["state"]["config_update"] == "UPDATE_FAILED"
+    entity = view["config"]["served_entities"][0]
+    assert entity["state"]["deployment"] == "DEPLOYMENT_FAILED"
+    assert "bad weights" in entity["state"]["deployment_state_message"]
+
+
+def test_update_is_blue_green_and_failed_update_keeps_old_serving(world):
+    service, reconciler, backend, clock, tables = world
+
+    async def scenario():
+        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        backend.auto_ready = False
+        service.update_config("ep", one_entity("/models/b"))
+        await reconciler.reconcile_once()  # new replica starting; old one still routed
+        route = tables[-1].endpoints["ep"]
+        assert route.entities[0].replicas[0][0] == "r0"
+        backend.exits["r1"] = ReplicaExit(EXIT_MODEL_LOAD_FAILED, "cannot load b")
+        await reconciler.reconcile_once()
+        await asyncio.sleep(0)
+        return service.get("ep")
+
+    view = run(scenario())
+    assert view["state"] == {"ready": "READY", "config_update": "UPDATE_FAILED"}
+    assert view["config"]["config_version"] == 1
+    assert view["config"]["served_entities"][0]["entity_name"] == "/models/a"
+    assert view["pending_config"]["served_entities"][0]["state"]["deployment"] == "DEPLOYMENT_FAILED"
+    assert tables[-1].endpoints["ep"].entities[0].replicas[0][0] == "r0"
+    assert "r0" not in backend.stopped
+
+
+def test_unchanged_entity_keeps_its_replicas_across_update(world):
+    service, reconciler, backend, clock, tables = world
+
+    async def scenario():
+        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        two = {
+            "served_entities": [
+                {"entity_name": "/models/a", "name": "a"},
+                {"entity_name": "/models/b", "name": "b"},
+            ],
+            "traffic_config": {"routes": [
+                {"served_model_name": "a", "traffic_percentage": 50},
+                {"served_model_name": "b", "traffic_percentage": 50},
+            ]},
+        }
+        service.update_config("ep", two)
+        for _ in range(3):
+            await reconciler.reconcile_once()
+        return service.get("ep")
+
+    view = run(scenario())
+    assert view["state"]["config_update"] == "NOT_UPDATING"
+    assert view["config"]["config_version"] == 2
+    assert len(backend.started) == 2, "a kept its replica; only b started one"
+    assert backend.stopped == []
+
+
+def test_restart_restores_endpoints_from_the_store(world, tmp_path):
+    service, reconciler, backend, clock, tables = world
+
+    async def scenario():
+        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+
+    run(scenario())
+    fresh = Reconciler(
+        FakeBackend(), service.store, crash_policy=CrashPolicy(), memory_limit_mb=1, start_timeout_s=1,
+        on_routes=lambda t: None, on_persist=lambda e: None,
+    )
+    restored = EndpointService(service.store, fresh, cores=2)
+    restored.load()
+    ep = fresh.endpoints["ep"]
+    assert ep.config_update is ConfigUpdate.NOT_UPDATING
+    assert ep.active is not None and ep.active.version == 1
+    assert ep.active.entities["a"].deployment is Deployment.RECOVERING
