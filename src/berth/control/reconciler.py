@@ -117,7 +117,10 @@ class Reconciler:
         endpoint = self.endpoints.pop(name, None)
         self.publish_routes()
         if endpoint is not None:
-            await self._stop_entities(endpoint.entities(), grace_s=5.0)
+            entities = endpoint.entities()
+            for entity in entities:
+                entity.retired = True  # a pass in flight must not start replicas for it
+            await self._stop_entities(entities, grace_s=5.0)
 
     # One pass
     async def reconcile_once(self) -> None:
@@ -168,7 +171,7 @@ class Reconciler:
                     return True
 
         missing = entity.plan.replicas - len(entity.replicas)
-        if missing > 0 and now >= entity.next_start_at:
+        if missing > 0 and now >= entity.next_start_at and not entity.retired:
             for _ in range(missing):
                 await self._start_replica(entity)
             changed = True
