@@ -156,7 +156,7 @@ def endpoints_list(host: HostOpt = None, token: TokenOpt = None) -> None:
     result = _call(host, token, "GET", "")
     for ep in result.get("endpoints", []):
         state = ep.get("state", {})
-        console.print(f"{ep['name']}\t{state.get('ready')}\t{state.get('config_update')}", highlight=False)
+        typer.echo(f"{ep['name']}\t{state.get('ready')}\t{state.get('config_update')}")  # raw tabs, no wrap
 
 
 @endpoints_app.command("get")
@@ -222,12 +222,12 @@ def query(
             "POST", f"/serving-endpoints/{name}/invocations", content=content, headers={"Content-Type": ctype}
         )
     except BerthClientError as exc:
-        err_console.print(f"[red]{exc}[/red]")
+        err_console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from exc
     served = response.headers.get("served-model-name")
     if served:
         err_console.print(f"served-model-name: {served}")
-    console.print(response.text, highlight=False, soft_wrap=True)
+    console.print(response.text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _local_model_dir(model_uri: str) -> Path:
@@ -261,7 +261,7 @@ def _call(host: str | None, token: str | None, method: str, path: str, body: Any
         client = BerthClient(host, token)
         return client.api(method, path, body)
     except BerthClientError as exc:
-        err_console.print(f"[red]{exc}[/red]")
+        err_console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from exc
 
 

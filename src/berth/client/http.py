@@ -25,17 +25,24 @@ def resolve_target(host: str | None, token: str | None) -> tuple[str, str]:
     token = token or os.environ.get("BERTH_TOKEN")
     if not host or not token:
         creds = read_credentials()
-        if creds is not None:
+        # The file's token belongs to the file's host: never send it to another server.
+        if creds is not None and (not host or _normalize(host) == _normalize(creds.host)):
             host = host or creds.host
             token = token or creds.token
+    if host and not token:
+        raise BerthClientError(f"No token for {host}: pass --token or set BERTH_TOKEN.")
     if not host or not token:
         raise BerthClientError(
             "No Berth server configured: pass --host and --token, set BERTH_HOST and BERTH_TOKEN, "
             "or start one with `berth server` / `berth serve` (they write a credentials file)."
         )
+    return _normalize(host), token
+
+
+def _normalize(host: str) -> str:
     if "://" not in host:
         host = f"http://{host}"
-    return host.rstrip("/"), token
+    return host.rstrip("/")
 
 
 class BerthClient:
