@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from berth.client.credentials import credentials_path
 from berth.client.http import BerthClient, BerthClientError
@@ -37,10 +38,10 @@ def _settings(host: str | None, port: int | None, data_dir: Path | None, store_u
 
 def _print_token(token: Any) -> None:
     if token.generated:
-        console.print(f"Admin token (shown once, saved to {credentials_path()}):")
-        console.print(f"  {token.token}", soft_wrap=True)
+        console.print(f"Admin token (shown once, saved to {credentials_path()}):", markup=False)
+        console.print(f"  {token.token}", soft_wrap=True, markup=False, highlight=False)
     else:
-        console.print(f"Admin token: the one in {credentials_path()} (or BERTH_ADMIN_TOKEN).")
+        console.print(f"Admin token: the one in {credentials_path()} (or BERTH_ADMIN_TOKEN).", markup=False)
 
 
 def _example_body(model_dir: Path | None) -> str:
@@ -85,12 +86,12 @@ def serve(
                     raise
                 service.create({"name": endpoint_name, "config": {"served_entities": [entity]}}, creator="admin")
         except BerthError as exc:
-            err_console.print(f"[red]Cannot serve {model_uri}: {exc.message}[/red]")
+            err_console.print(f"Cannot serve {model_uri}: {exc.message}", style="red", markup=False)
             return
         invocations = f"{url}/serving-endpoints/{endpoint_name}/invocations"
-        console.print(f"Berth is running at {url} (data in {settings.data_dir})")
+        console.print(f"Berth is running at {url} (data in {settings.data_dir})", markup=False)
         _print_token(token)
-        console.print(f"Endpoint [bold]{endpoint_name}[/bold] serves {local}")
+        console.print(f"Endpoint [bold]{endpoint_name}[/bold] serves {escape(str(local))}")
         console.print("Query it with:")
         header = f"Authorization: Bearer {token.token}" if token.generated else "Authorization: Bearer $BERTH_TOKEN"
         console.print(
@@ -105,6 +106,7 @@ def serve(
             ),
             soft_wrap=True,
             highlight=False,
+            markup=False,
         )
         with console.status("Loading the model in its replica…"):
             while True:
@@ -119,7 +121,8 @@ def serve(
             messages = [
                 e["state"]["deployment_state_message"] for e in view.get("config", {}).get("served_entities", [])
             ]
-            err_console.print(f"[red]Endpoint {endpoint_name} failed to deploy:[/red]\n" + "\n".join(messages))
+            err_console.print(f"[red]Endpoint {endpoint_name} failed to deploy:[/red]")
+            err_console.print("\n".join(messages), markup=False, highlight=False)
 
     _run(run_platform(settings, on_ready))
 
@@ -132,7 +135,7 @@ def server(host: BindHost = None, port: Port = None, data_dir: DataDir = None, s
     settings = _settings(host, port, data_dir, store_url)
 
     async def on_ready(platform: Any, url: str, token: Any) -> None:
-        console.print(f"Berth server listening on {url} (data in {settings.data_dir})")
+        console.print(f"Berth server listening on {url} (data in {settings.data_dir})", markup=False)
         _print_token(token)
 
     _run(run_platform(settings, on_ready))
@@ -233,7 +236,7 @@ def query(
 def _local_model_dir(model_uri: str) -> Path:
     path = Path(model_uri.removeprefix("file://")).expanduser()
     if not (path / "MLmodel").is_file():
-        err_console.print(f"[red]{model_uri} is not an MLflow model directory (no MLmodel file).[/red]")
+        err_console.print(f"{model_uri} is not an MLflow model directory (no MLmodel file).", style="red", markup=False)
         raise typer.Exit(2)
     return path.resolve()
 
@@ -250,7 +253,7 @@ def _config_arg(model_uri: str | None, workload_size: str, config_json: str | No
         try:
             return json.loads(_text_arg(config_json))  # type: ignore[no-any-return]
         except ValueError as exc:
-            err_console.print(f"[red]--config is not valid JSON: {exc}[/red]")
+            err_console.print(f"--config is not valid JSON: {exc}", style="red", markup=False)
             raise typer.Exit(2) from exc
     uri = model_uri if "://" in model_uri else str(Path(model_uri).expanduser().resolve())  # type: ignore[operator]
     return {"served_entities": [{"entity_name": uri, "workload_size": workload_size}]}
@@ -270,8 +273,12 @@ def _print_json(payload: Any) -> None:
 
 
 def _run(coro: Any) -> None:
+    import signal
+
     import uvloop
 
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvloop.run(coro)
     except KeyboardInterrupt:
