@@ -164,7 +164,7 @@ class LocalBackend:
                 proc = psutil.Process(pid)
                 if f"--replica-id={replica_id}" in proc.cmdline() or replica_id in proc.cmdline():
                     proc.kill()
-                    proc.wait(timeout=10)
+                    _wait_dead(proc, timeout=10)
                     killed.append(replica_id)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.TimeoutExpired):
                 continue
@@ -177,6 +177,21 @@ class LocalBackend:
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(rid, grace_s=5.0) for rid in list(self._replicas)))
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+def _wait_dead(proc: psutil.Process, timeout: float) -> None:
+    """Wait for a killed process that is not our child: a zombie its reaper has not collected yet
+    (an orphan's init may never reap it) is dead too, where psutil's wait would time out on it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        if time.monotonic() > deadline:
+            raise psutil.TimeoutExpired(timeout, proc.pid)
+        time.sleep(0.02)
 
 
 def _child_setup(parent_pid: int, memory_limit_bytes: int):  # type: ignore[no-untyped-def]
