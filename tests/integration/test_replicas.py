@@ -13,6 +13,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 
 from berth.store import ReplicaRecord, Store
@@ -161,6 +162,14 @@ def test_a_replacement_gets_no_traffic_until_it_is_ready(server_factory, model_z
     victim, survivor = replicas_of(server)  # 32 provisioned on 2 cores: 2 replicas x 16
 
     os.kill(victim.pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):  # gone, or a zombie its server has not reaped
+        psutil.wait_procs([psutil.Process(victim.pid)], timeout=10)
+    # At once, before the reconciler notices: a request that cannot reach the dead replica was never
+    # delivered, so the gateway gives it to the survivor instead of answering 503.
+    for _ in range(20):
+        response = server.invoke("pair", X_BODY)
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"] == [survivor.pid]
     server.wait_until("pair", lambda v: entity_state(v)["deployment"] == "DEPLOYMENT_RECOVERING", timeout=20)
     # The replacement is loading for seconds: every request meanwhile goes to the survivor.
     served_while_recovering = 0

@@ -59,12 +59,23 @@ class Gateway:
         if isinstance(choice, BerthError):
             await send_error(send, choice)
             return
-        replica_id, _ = choose_replica(choice.replicas, self._outstanding)
-        upstream = self.upstreams[replica_id]
         body = await read_body(receive)
         content_type = header(scope, b"content-type") or b""
+        replicas = choice.replicas
         try:
-            response = await upstream.request(b"/invocations", body, content_type, self.request_timeout_s)
+            while True:
+                replica_id, _ = choose_replica(replicas, self._outstanding)
+                upstream = self.upstreams.get(replica_id)
+                try:
+                    if upstream is None:  # removed from the table while the body was read
+                        raise UpstreamError("replica was removed", sent=False, delivered=False)
+                    response = await upstream.request(b"/invocations", body, content_type, self.request_timeout_s)
+                    break
+                except UpstreamError as exc:
+                    # Never delivered (the replica is gone): another ready replica may take it.
+                    replicas = tuple(r for r in replicas if r[0] != replica_id and r[0] in self.upstreams)
+                    if exc.delivered or not replicas:
+                        raise
         except UpstreamError as exc:
             await send_error(
                 send,

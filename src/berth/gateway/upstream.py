@@ -17,9 +17,10 @@ import httptools
 class UpstreamError(Exception):
     """The replica could not be reached, or the connection broke before a full response."""
 
-    def __init__(self, message: str, *, sent: bool) -> None:
+    def __init__(self, message: str, *, sent: bool, delivered: bool = True) -> None:
         super().__init__(message)
         self.sent = sent  # whether any response byte had arrived
+        self.delivered = delivered  # False: the request never reached the replica (safe to retry)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ class Upstream:
                 assert self._tcp is not None
                 _, conn = await loop.create_connection(_Connection, *self._tcp)
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to replica at {self.address}: {exc}", sent=False) from exc
+            raise UpstreamError(
+                f"cannot connect to replica at {self.address}: {exc}", sent=False, delivered=False
+            ) from exc
         return conn
 
     async def request(self, path: bytes, body: bytes, content_type: bytes, timeout: float) -> UpstreamResponse:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from berth.replica.server import ReplicaApp
 
-    app = ReplicaApp(scorer, args.replica_id, args.name)
+    app = ReplicaApp(scorer, args.replica_id, args.name, args.max_concurrency)
     config = uvicorn.Config(
         app,
         uds=args.socket,

@@ -1,7 +1,7 @@
 """The replica's HTTP server: a raw ASGI app (no framework) served by uvicorn on a Unix socket.
 
-Predictions run on one worker thread; requests wait for it in arrival order, and the event
-loop stays free to accept and answer connections.
+Predictions run on a pool of worker threads sized to the replica's concurrency, so the event
+loop stays free to accept and answer connections while models compute or wait.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ _PING_HEADERS = [(b"content-type", b"application/json")]
 class ReplicaApp:
     """Serves `/invocations`, `/ping`, `/health` and `/stats` for one loaded model."""
 
-    def __init__(self, scorer: Scorer, replica_id: str, name: str) -> None:
+    def __init__(self, scorer: Scorer, replica_id: str, name: str, max_concurrency: int = 1) -> None:
         self.scorer = scorer
         self.replica_id = replica_id
         self.name = name
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+        # As many predictions run at once as the replica admits: its share of provisioned concurrency.
+        self.executor = ThreadPoolExecutor(max_workers=max(1, max_concurrency), thread_name_prefix="predict")
         self.requests = 0
         self.in_flight = 0
 
