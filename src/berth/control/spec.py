@@ -13,11 +13,11 @@ from typing import Any
 
 from berth.errors import InvalidParameterValue
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")  # \Z: `$` also matches before a final "\n"
 MAX_SERVED_ENTITIES = 15
 MAX_ENVIRONMENT_VARS = 30
 MAX_PROVISIONED_CONCURRENCY = 1024
-ENV_VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # Databricks' workload sizes as concurrency ranges (min, max); with scale-to-zero the min is 0.
 WORKLOAD_SIZES: dict[str, tuple[int, int]] = {"Small": (4, 4), "Medium": (8, 16), "Large": (16, 64)}
@@ -247,6 +247,8 @@ def _parse_entity(raw: Any, index: int) -> ServedEntitySpec:
         )
 
     workload_type = raw.get("workload_type") or "CPU"
+    if not isinstance(workload_type, str):
+        raise InvalidParameterValue(f"{where}.workload_type must be a string, got {workload_type!r}.")
     if workload_type in GPU_WORKLOAD_TYPES:
         raise InvalidParameterValue(
             f"{where}.workload_type {workload_type} needs a GPU backend, which this server lacks."

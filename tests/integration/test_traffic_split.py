@@ -1,0 +1,156 @@
+"""Traffic split across served entities, measured from real responses under concurrent load.
+
+Every entity serves the same model, which answers with its replica's pid; the test maps pids to
+entities from outside (replica processes' command lines), so the `served-model-name` header is
+checked against the replica that really answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.conftest import ServerProcess
+
+X_BODY = {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}
+TOLERANCE_PP = 3.0
+
+
+def replica_entities(server: ServerProcess) -> dict[int, str]:
+    """pid -> served-entity name of every live replica process of the server."""
+    out = {}
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            cmdline = child.cmdline()
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if "berth.replica" in cmdline and "--name" in cmdline:
+            out[child.pid] = cmdline[cmdline.index("--name") + 1]
+    return out
+
+
+def routes(**pcts: int) -> dict[str, Any]:
+    return {"routes": [{"served_model_name": n, "traffic_percentage": p} for n, p in pcts.items()]}
+
+
+async def _blast(
+    server: ServerProcess, name: str, total: int, concurrency: int
+) -> list[tuple[int, str, Any]]:
+    """Send `total` invocations from `concurrency` tasks; (status, served-model-name, predictions) each."""
+    results: list[tuple[int, str, Any]] = []
+    remaining = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}, timeout=60.0, limits=limits
+    ) as client:
+
+        async def worker() -> None:
+            for _ in remaining:
+                response = await client.post(f"/serving-endpoints/{name}/invocations", json=X_BODY)
+                body = response.json()
+                results.append(
+                    (
+                        response.status_code,
+                        response.headers.get("served-model-name", ""),
+                        body.get("predictions"),
+                    )
+                )
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+def blast(server: ServerProcess, name: str, total: int, concurrency: int = 24) -> list[tuple[int, str, Any]]:
+    return asyncio.run(_blast(server, name, total, concurrency))
+
+
+def check_answers(results: list[tuple[int, str, Any]], pid_entity: dict[int, str]) -> Counter[str]:
+    """Every answer is a 200 from a replica of the entity its header names; counts per entity."""
+    statuses = Counter(status for status, _, _ in results)
+    assert statuses == {200: len(results)}, statuses
+    for _, served, predictions in results:
+        (pid,) = predictions
+        assert pid_entity.get(pid) == served, (pid, served, pid_entity)
+    return Counter(served for _, served, _ in results)
+
+
+def test_traffic_split_50_30_20_and_zero(
+    shared_server: ServerProcess, model_zoo: Callable[..., Path], unique_name: str
+) -> None:
+    server = shared_server
+    model = str(model_zoo("slow_load_model", seconds=0.0))  # loads at once, answers with its pid
+    tok = uuid.uuid4().hex[:8]
+    pct = {f"a-{tok}": 50, f"b-{tok}": 30, f"c-{tok}": 20, f"z-{tok}": 0}
+    config = {
+        "served_entities": [{"entity_name": model, "name": n} for n in pct],
+        "traffic_config": routes(**pct),
+    }
+    assert server.create(unique_name, config).status_code == 200
+    view = server.wait_not_updating(unique_name)
+    assert view["state"] == {"config_update": "NOT_UPDATING", "ready": "READY"}, view
+    assert [
+        (r["served_model_name"], r["traffic_percentage"]) for r in view["config"]["traffic_config"]["routes"]
+    ] == list(pct.items())
+    pid_entity = {pid: e for pid, e in replica_entities(server).items() if e in pct}
+    assert sorted(pid_entity.values()) == sorted(pct), pid_entity  # one replica each, the 0% one included
+
+    total = 4000
+    start = time.monotonic()
+    results = blast(server, unique_name, total)
+    elapsed = time.monotonic() - start
+    assert len(results) == total
+    counts = check_answers(results, pid_entity)
+    shares = {n: 100.0 * counts[n] / total for n in pct}
+    print(f"traffic split over {total} requests in {elapsed:.1f}s: {shares}")
+    assert counts[f"z-{tok}"] == 0, shares
+    for n, p in pct.items():
+        assert abs(shares[n] - p) <= TOLERANCE_PP, (n, shares)
+    assert set(counts) == {n for n, p in pct.items() if p > 0}
+    assert server.api("DELETE", f"/{unique_name}").status_code == 200
+
+
+def test_traffic_only_update_reuses_replicas_and_moves_traffic(
+    shared_server: ServerProcess, model_zoo: Callable[..., Path], unique_name: str
+) -> None:
+    server = shared_server
+    model = str(model_zoo("slow_load_model", seconds=0.0))
+    tok = uuid.uuid4().hex[:8]
+    a, b = f"a-{tok}", f"b-{tok}"
+    entities = [{"entity_name": model, "name": a}, {"entity_name": model, "name": b}]
+    created = server.create(
+        unique_name, {"served_entities": entities, "traffic_config": routes(**{a: 100, b: 0})}
+    )
+    assert created.status_code == 200, created.text
+    assert server.wait_not_updating(unique_name)["state"]["ready"] == "READY"
+    pid_entity = {pid: e for pid, e in replica_entities(server).items() if e in (a, b)}
+    assert sorted(pid_entity.values()) == [a, b]
+    assert check_answers(blast(server, unique_name, 300, concurrency=8), pid_entity) == {a: 300}
+
+    # Only the split changes: the same replicas serve, and the new split is live at once
+    response = server.api(
+        "PUT",
+        f"/{unique_name}/config",
+        json={"served_entities": entities, "traffic_config": routes(**{a: 0, b: 100})},
+    )
+    assert response.status_code == 200, response.text
+    view = server.wait_not_updating(unique_name, timeout=10)
+    assert view["state"] == {"config_update": "NOT_UPDATING", "ready": "READY"}, view
+    assert view["config"]["config_version"] == 2
+    assert [e["state"]["deployment"] for e in view["config"]["served_entities"]] == ["DEPLOYMENT_READY"] * 2
+    assert {pid: e for pid, e in replica_entities(server).items() if e in (a, b)} == pid_entity
+    # the gateway's routing table follows the promotion within a reconcile pass
+    deadline = time.monotonic() + 5
+    while server.invoke(unique_name, X_BODY).headers.get("served-model-name") != b:
+        assert time.monotonic() < deadline, "traffic did not move to the new split"
+    assert check_answers(blast(server, unique_name, 300, concurrency=8), pid_entity) == {b: 300}
+    assert server.api("DELETE", f"/{unique_name}").status_code == 200
