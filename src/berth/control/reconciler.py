@@ -125,7 +125,6 @@ class Reconciler:
     # One pass
     async def reconcile_once(self) -> None:
         now = time.monotonic()
-        routes_changed = False
         for endpoint in list(self.endpoints.values()):
             changed = False
             for entity in endpoint.entities():
@@ -133,10 +132,9 @@ class Reconciler:
             changed |= self._advance_config(endpoint)
             if changed and endpoint.name in self.endpoints:
                 endpoint.last_updated_timestamp = now_ms()
+                # Routes first: once GET shows a state, the gateway already acts on it.
+                self.publish_routes()
                 self.on_persist(endpoint)
-                routes_changed = True
-        if routes_changed:
-            self.publish_routes()
 
     async def _reconcile_entity(self, entity: EntityRuntime, now: float) -> bool:
         if entity.retired or entity.deployment is Deployment.FAILED:
