@@ -63,7 +63,9 @@ class ServerProcess:
                 raise AssertionError(f"{name} still updating after {timeout}s: {view}\n{self.log_tail()}")
             time.sleep(0.1)
 
-    def wait_until(self, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 90.0) -> dict[str, Any]:
+    def wait_until(
+        self, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 90.0
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             view = self.get(name)

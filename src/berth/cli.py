@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shlex
 import sys
@@ -58,7 +59,9 @@ def _example_body(model_dir: Path | None) -> str:
 @app.command()
 def serve(
     model_uri: Annotated[str, typer.Argument(help="MLflow model directory or file:// URI.")],
-    name: Annotated[str | None, typer.Option("--name", help="Endpoint name (default: the model directory's name).")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Endpoint name (default: the model directory's name).")
+    ] = None,
     host: BindHost = None,
     port: Port = None,
     data_dir: DataDir = None,
@@ -279,10 +282,8 @@ def _run(coro: Any) -> None:
 
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(coro)
-    except KeyboardInterrupt:
-        pass
     sys.exit(0)
 
 

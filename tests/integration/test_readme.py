@@ -81,5 +81,5 @@ def test_readme_serve_command_serves_a_demo_model(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, log_path.read_text()
-    gone, alive = psutil.wait_procs(replicas, timeout=10)
+    _gone, alive = psutil.wait_procs(replicas, timeout=10)
     assert not alive, "Ctrl-C stops the replicas too"

@@ -98,12 +98,13 @@ def test_policy_backoff_doubles_and_caps():
 
 
 def test_create_becomes_ready_and_routes(world):
-    service, reconciler, backend, clock, tables = world
+    service, reconciler, _backend, _clock, tables = world
 
     async def scenario():
         view = service.create({"name": "ep", "config": one_entity()}, creator="admin")
         assert view["state"] == {"ready": "NOT_READY", "config_update": "IN_PROGRESS"}
-        assert "config" not in view and view["pending_config"]["config_version"] == 1
+        assert "config" not in view
+        assert view["pending_config"]["config_version"] == 1
         assert tables[-1].endpoints["ep"].creating
         await reconciler.reconcile_once()  # starts the replica (ready at once in the fake)
         await reconciler.reconcile_once()  # sees it ready, promotes the config
@@ -145,13 +146,14 @@ def test_crashes_back_off_then_fail_after_limit(world):
     entity, delays, ep = run(scenario())
     assert delays == [1.0, 2.0, 4.0, 8.0]
     assert entity.deployment is Deployment.FAILED
-    assert "crashed 5 times" in entity.message and "boom 5" in entity.message
+    assert "crashed 5 times" in entity.message
+    assert "boom 5" in entity.message
     assert ep.ready is Ready.NOT_READY
     assert tables[-1].endpoints["ep"].entities[0].status is EntityStatus.FAILED
 
 
 def test_model_load_failure_fails_at_once_without_retry(world):
-    service, reconciler, backend, clock, tables = world
+    service, reconciler, backend, _clock, _tables = world
     backend.auto_ready = False
 
     async def scenario():
@@ -171,7 +173,7 @@ def test_model_load_failure_fails_at_once_without_retry(world):
 
 
 def test_update_is_blue_green_and_failed_update_keeps_old_serving(world):
-    service, reconciler, backend, clock, tables = world
+    service, reconciler, backend, _clock, tables = world
 
     async def scenario():
         service.create({"name": "ep", "config": one_entity()}, creator="admin")
@@ -197,7 +199,7 @@ def test_update_is_blue_green_and_failed_update_keeps_old_serving(world):
 
 
 def test_unchanged_entity_keeps_its_replicas_across_update(world):
-    service, reconciler, backend, clock, tables = world
+    service, reconciler, backend, _clock, _tables = world
 
     async def scenario():
         service.create({"name": "ep", "config": one_entity()}, creator="admin")
@@ -226,7 +228,7 @@ def test_unchanged_entity_keeps_its_replicas_across_update(world):
 
 
 def test_restart_restores_endpoints_from_the_store(world, tmp_path):
-    service, reconciler, backend, clock, tables = world
+    service, reconciler, _backend, _clock, _tables = world
 
     async def scenario():
         service.create({"name": "ep", "config": one_entity()}, creator="admin")
@@ -242,5 +244,6 @@ def test_restart_restores_endpoints_from_the_store(world, tmp_path):
     restored.load()
     ep = fresh.endpoints["ep"]
     assert ep.config_update is ConfigUpdate.NOT_UPDATING
-    assert ep.active is not None and ep.active.version == 1
+    assert ep.active is not None
+    assert ep.active.version == 1
     assert ep.active.entities["a"].deployment is Deployment.RECOVERING

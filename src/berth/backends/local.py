@@ -82,8 +82,10 @@ class LocalBackend:
             str(spec.max_concurrency),
         ]
         memory_limit = spec.memory_limit_mb * 1024 * 1024
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
+        # Popen runs on the event loop's thread on purpose: PR_SET_PDEATHSIG fires when the thread
+        # that forked exits, so a worker thread would take the replica down with it.
+        with open(log_path, "ab") as log:  # noqa: ASYNC230
+            proc = subprocess.Popen(  # noqa: ASYNC220
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -100,7 +102,7 @@ class LocalBackend:
         replica = self._replicas.get(replica_id)
         if replica is None or replica.proc.poll() is not None:
             return False
-        if not os.path.exists(replica.socket_path):
+        if not os.path.exists(replica.socket_path):  # noqa: ASYNC240 (a stat of a tmpfs path)
             return False
         try:
             reader, writer = await asyncio.wait_for(
@@ -136,9 +138,8 @@ class LocalBackend:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), grace_s)
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -31,7 +31,9 @@ class UpstreamResponse:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("chunks", "closed", "content_type", "got_bytes", "keep_alive", "parser", "reused", "transport", "waiter")
+    __slots__ = (
+        "chunks", "closed", "content_type", "got_bytes", "keep_alive", "parser", "reused", "transport", "waiter"
+    )
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -130,7 +132,9 @@ class Upstream:
             ) from exc
         return conn
 
-    async def request(self, path: bytes, body: bytes, content_type: bytes, timeout: float) -> UpstreamResponse:
+    async def request(
+        self, path: bytes, body: bytes, content_type: bytes, timeout_s: float
+    ) -> UpstreamResponse:
         """POST `body` to `path`; retries once on a fresh connection if a reused one was stale."""
         head = b"".join(
             (
@@ -146,7 +150,7 @@ class Upstream:
                 if conn is None:
                     conn = await self._connect()
                 try:
-                    response = await asyncio.wait_for(conn.send(data), timeout)
+                    response = await asyncio.wait_for(conn.send(data), timeout_s)
                 except UpstreamError as exc:
                     # A reused connection the replica closed while idle: nothing was processed.
                     if attempt == 0 and conn.reused and not exc.sent:
