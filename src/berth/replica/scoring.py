@@ -52,7 +52,10 @@ class Scorer:
                 "stack_trace": traceback.format_exc(),
             }
             return ScoringResult(500, orjson.dumps(payload), "application/json")
-        return ScoringResult(result.status, result.response.encode(), result.mimetype)
+        mimetype = result.mimetype
+        if mimetype.startswith("text/") and "charset=" not in mimetype.lower():
+            mimetype += "; charset=utf-8"  # as MLflow's server (Starlette's Response) labels its text answers
+        return ScoringResult(result.status, result.response.encode(), mimetype)
 
 
 def describe_model(scorer: Scorer) -> dict[str, Any]:
