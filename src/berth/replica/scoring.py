@@ -1,15 +1,27 @@
-"""Scoring that answers exactly as MLflow's scoring server does.
+"""Scoring that answers exactly as MLflow's scoring server does, one request or a batch at a time.
 
-The parsing, schema enforcement and error shapes are MLflow's own functions, so a berth replica
-and `mlflow models serve` agree on predictions, statuses, error codes and messages.
+MLflow's `invocations` is split in two phases with MLflow's own functions: `parse` (content type,
+JSON/CSV parsing, input formats) and `predict` (the model call, its error handling and the JSON
+encoding). Between them, requests with the same input shape are merged into one model call and
+the predictions split back (`berth.replica.batching`); a merged call that fails is retried one
+request at a time, so a bad request fails alone with exactly MLflow's answer.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import traceback
 from dataclasses import dataclass
+from io import BytesIO, StringIO
 from typing import Any
+
+import orjson
+
+from berth.replica import batching
+
+log = logging.getLogger("berth.replica")
 
 # Keys Databricks clients may add beside the input; MLflow's parser ignores unknown keys too.
 DATABRICKS_EXTRA_KEYS = ("client_request_id", "usage_context")
@@ -22,6 +34,15 @@ class ScoringResult:
     content_type: str
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """A request's model input, ready for `predict`."""
+
+    data: Any
+    params: dict[str, Any] | None
+    unified_llm: bool
+
+
 class Scorer:
     """Holds a loaded pyfunc model and scores request bodies against it."""
 
@@ -32,36 +53,174 @@ class Scorer:
         os.environ[_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name] = "true"
         self.model = load_model_with_mlflow_config(model_uri)
         self.input_schema = self.model.metadata.get_input_schema()
+        self._takes_params = "params" in inspect.signature(self.model.predict).parameters
+        self.batches = 0
+        self.batched_requests = 0
+        self.largest_batch = 0
 
+    # One request
     def score(self, body: bytes, content_type: str) -> ScoringResult:
+        parsed = self.parse(body, content_type)
+        return parsed if isinstance(parsed, ScoringResult) else self.predict(parsed)
+
+    def parse(self, body: bytes, content_type: str) -> Parsed | ScoringResult:
+        """MLflow's `invocations` up to the model call: the same checks, parsers and errors."""
         from mlflow.exceptions import MlflowException
-        from mlflow.pyfunc.scoring_server import invocations
+        from mlflow.pyfunc.scoring_server import (
+            CONTENT_TYPE_CSV,
+            CONTENT_TYPE_JSON,
+            CONTENT_TYPE_PARQUET,
+            CONTENT_TYPES,
+            SCORING_PROTOCOL_CHANGE_INFO,
+            _parse_json_data,
+            parse_csv_input,
+            parse_parquet_input,
+        )
+        from mlflow.utils.proto_json_utils import MlflowInvalidInputException
+
+        type_parts = list(map(str.strip, content_type.split(";")))
+        mime_type = type_parts[0]
+        parameter_values = {key: value for pair in type_parts[1:] for key, _, value in [pair.partition("=")]}
+        if parameter_values.get("charset", "utf-8").lower() != "utf-8":
+            return _text(415, "The scoring server only supports UTF-8")
+        if unexpected := set(parameter_values.keys()).difference({"charset"}):
+            return _text(
+                415,
+                f"Unrecognized content type parameters: {', '.join(unexpected)}. {SCORING_PROTOCOL_CHANGE_INFO}",
+            )
+        try:
+            if mime_type == CONTENT_TYPE_CSV:
+                try:
+                    text = body.decode("utf-8")
+                except UnicodeDecodeError as ex:
+                    raise MlflowInvalidInputException(
+                        f"Ensure that input is a valid UTF-8 encoded string. Error: '{ex!r}'"
+                    ) from ex
+                return Parsed(parse_csv_input(csv_input=StringIO(text), schema=self.input_schema), None, False)
+            if mime_type == CONTENT_TYPE_JSON:
+                parsed = _parse_json_data(body, self.model.metadata, self.input_schema)
+                return Parsed(parsed.data, parsed.params, parsed.is_unified_llm_input)
+            if mime_type == CONTENT_TYPE_PARQUET:
+                return Parsed(parse_parquet_input(parquet_input=BytesIO(body)), None, False)
+        except MlflowException as exc:
+            return _mlflow_error(exc)
+        except Exception as exc:  # outside MLflow's own errors: never take the replica down
+            return _internal_error(exc)
+        return _text(
+            415,
+            f"This predictor only supports the following content types: Types: {CONTENT_TYPES}. "
+            f"Got '{content_type}'.",
+        )
+
+    def predict(self, parsed: Parsed) -> ScoringResult:
+        """MLflow's model call and encoding for one request."""
+        from mlflow.exceptions import MlflowException
 
         try:
-            result = invocations(body, content_type, self.model, self.input_schema)
+            raw = self._call_model(parsed.data, parsed.params)
+            return self._encode(raw, parsed.unified_llm)
         except MlflowException as exc:
-            return ScoringResult(
-                exc.get_http_status_code(), exc.serialize_as_json().encode(), "application/json"
-            )
-        except Exception as exc:  # a failure outside the model call: never take the replica down
-            import orjson
+            return _mlflow_error(exc)
+        except Exception as exc:
+            return _internal_error(exc)
 
-            payload = {
-                "error_code": "INTERNAL_ERROR",
-                "message": f"{type(exc).__name__}: {exc}",
-                "stack_trace": traceback.format_exc(),
-            }
-            return ScoringResult(500, orjson.dumps(payload), "application/json")
-        mimetype = result.mimetype
-        if mimetype.startswith("text/") and "charset=" not in mimetype.lower():
-            mimetype += "; charset=utf-8"  # as MLflow's server (Starlette's Response) labels its text answers
-        return ScoringResult(result.status, result.response.encode(), mimetype)
+    def _call_model(self, data: Any, params: dict[str, Any] | None) -> Any:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+        try:
+            if self._takes_params:
+                return self.model.predict(data, params=params)
+            if params:
+                from mlflow.pyfunc.model import _log_warning_if_params_not_in_predict_signature
+
+                _log_warning_if_params_not_in_predict_signature(log, params)
+            return self.model.predict(data)
+        except MlflowException as e:
+            e.message = f"Failed to predict data '{data}'. \nError: {e.message}"
+            raise
+        except Exception as exc:
+            raise MlflowException(
+                message=(
+                    "Encountered an unexpected error while evaluating the model. Verify"
+                    " that the serialized input Dataframe is compatible with the model for"
+                    " inference."
+                ),
+                error_code=BAD_REQUEST,
+                stack_trace=traceback.format_exc(),
+            ) from exc
+
+    def _encode(self, raw: Any, unified_llm: bool) -> ScoringResult:
+        from mlflow.pyfunc.scoring_server import predictions_to_json, unwrapped_predictions_to_json
+
+        out = StringIO()
+        (unwrapped_predictions_to_json if unified_llm else predictions_to_json)(raw, out)
+        return ScoringResult(200, out.getvalue().encode(), "application/json")
+
+    # Many requests
+    def score_many(self, requests: list[tuple[bytes, str]]) -> list[ScoringResult]:
+        """Score requests that arrived together: same-shaped inputs share one model call."""
+        results: list[ScoringResult | None] = [None] * len(requests)
+        parsed: dict[int, Parsed] = {}
+        for i, (body, content_type) in enumerate(requests):
+            p = self.parse(body, content_type)
+            if isinstance(p, ScoringResult):
+                results[i] = p
+            else:
+                parsed[i] = p
+        for group in batching.group_requests(
+            {i: (p.data, p.params if not p.unified_llm else batching.UNBATCHABLE) for i, p in parsed.items()}
+        ):
+            if len(group) > 1 and (merged := self._predict_merged([parsed[i] for i in group])) is not None:
+                for i, result in zip(group, merged, strict=True):
+                    results[i] = result
+                self.batches += 1
+                self.batched_requests += len(group)
+                self.largest_batch = max(self.largest_batch, len(group))
+            else:
+                for i in group:
+                    results[i] = self.predict(parsed[i])
+        return results  # type: ignore[return-value]
+
+    def _predict_merged(self, group: list[Parsed]) -> list[ScoringResult] | None:
+        """One model call for the group, split back per request; None to score them one by one."""
+        merged, counts = batching.merge([p.data for p in group])
+        try:
+            raw = self._call_model(merged, group[0].params)
+        except Exception:
+            return None  # someone's input is bad: each request gets its own answer
+        parts = batching.split(raw, counts)
+        if parts is None:
+            return None
+        try:
+            return [self._encode(part, False) for part in parts]
+        except Exception:
+            return None
+
+
+def _text(status: int, message: str) -> ScoringResult:
+    # As MLflow's server (Starlette's Response) labels its text answers.
+    return ScoringResult(status, message.encode(), "text/plain; charset=utf-8")
+
+
+def _mlflow_error(exc: Exception) -> ScoringResult:
+    return ScoringResult(
+        exc.get_http_status_code(),  # type: ignore[attr-defined]
+        exc.serialize_as_json().encode(),  # type: ignore[attr-defined]
+        "application/json",
+    )
+
+
+def _internal_error(exc: Exception) -> ScoringResult:
+    payload = {
+        "error_code": "INTERNAL_ERROR",
+        "message": f"{type(exc).__name__}: {exc}",
+        "stack_trace": traceback.format_exc(),
+    }
+    return ScoringResult(500, orjson.dumps(payload), "application/json")
 
 
 def describe_model(scorer: Scorer) -> dict[str, Any]:
     """What the replica reports about its model (signature presence, flavor)."""
     meta = scorer.model.metadata
-    return {
-        "has_signature": meta.signature is not None,
-        "flavors": sorted(meta.flavors),
-    }
+    return {"has_signature": meta.signature is not None, "flavors": sorted(meta.flavors)}
