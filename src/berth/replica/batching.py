@@ -2,9 +2,10 @@
 their inputs merge, and how the predictions split back.
 
 Requests merge only when the merge cannot change what the model sees for each row: the same
-kind of input (a DataFrame with the same columns and dtypes and a default index, or an array of
-the same dtype and trailing shape) and the same params. Predictions split back only when they
-are row-aligned with the merged input (a DataFrame, Series, array or list as long as it).
+kind of input (fast-parsed rows of the same columns, a DataFrame with the same columns and
+dtypes and a default index, or an array of the same dtype and trailing shape) and the same params.
+Predictions split back only when they are row-aligned with the merged input (a DataFrame, Series,
+array or list as long as it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 import orjson
 import pandas as pd
+
+from berth.replica.fastpath import Table
 
 UNBATCHABLE = object()  # pass as params to keep a request out of every batch
 
@@ -27,6 +30,8 @@ def batch_key(data: Any, params: Any) -> Hashable | None:
         params_key = orjson.dumps(params, option=orjson.OPT_SORT_KEYS) if params else b""
     except TypeError:
         return None
+    if isinstance(data, Table):
+        return ("table", data.columns, params_key)
     if isinstance(data, pd.DataFrame):
         index = data.index
         if not (isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1):
@@ -56,6 +61,8 @@ def group_requests(items: Mapping[int, tuple[Any, Any]]) -> list[list[int]]:
 def merge(inputs: list[Any]) -> tuple[Any, list[int]]:
     """One input made of all rows, and each request's row count."""
     counts = [len(x) for x in inputs]
+    if isinstance(inputs[0], Table):
+        return Table(inputs[0].columns, np.concatenate([x.values for x in inputs], axis=0)), counts
     if isinstance(inputs[0], pd.DataFrame):
         return pd.concat(inputs, ignore_index=True), counts
     return np.concatenate(inputs, axis=0), counts

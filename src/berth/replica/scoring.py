@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from berth.replica import batching
+from berth.replica.fastpath import NumericParser, Table
 
 log = logging.getLogger("berth.replica")
 
@@ -54,6 +55,7 @@ class Scorer:
         self.model = load_model_with_mlflow_config(model_uri)
         self.input_schema = self.model.metadata.get_input_schema()
         self._takes_params = "params" in inspect.signature(self.model.predict).parameters
+        self.numeric = NumericParser.for_schema(self.input_schema)
         self.batches = 0
         self.batched_requests = 0
         self.largest_batch = 0
@@ -88,6 +90,10 @@ class Scorer:
                 415,
                 f"Unrecognized content type parameters: {', '.join(unexpected)}. {SCORING_PROTOCOL_CHANGE_INFO}",
             )
+        if mime_type == CONTENT_TYPE_JSON and self.numeric is not None:
+            table = self.numeric.parse(body)
+            if table is not None:
+                return Parsed(table, None, False)
         try:
             if mime_type == CONTENT_TYPE_CSV:
                 try:
@@ -128,6 +134,8 @@ class Scorer:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
+        if isinstance(data, Table):
+            data = data.frame()
         try:
             if self._takes_params:
                 return self.model.predict(data, params=params)
