@@ -68,7 +68,7 @@ class Gateway:
                 upstream = self.upstreams.get(replica_id)
                 try:
                     if upstream is None:  # removed from the table while the body was read
-                        raise UpstreamError("replica was removed", sent=False, delivered=False)
+                        raise UpstreamError("replica was removed", delivered=False)
                     response = await upstream.request(b"/invocations", body, content_type, self.request_timeout_s)
                     break
                 except UpstreamError as exc:

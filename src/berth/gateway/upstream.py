@@ -17,9 +17,8 @@ import httptools
 class UpstreamError(Exception):
     """The replica could not be reached, or the connection broke before a full response."""
 
-    def __init__(self, message: str, *, sent: bool, delivered: bool = True) -> None:
+    def __init__(self, message: str, *, delivered: bool = True) -> None:
         super().__init__(message)
-        self.sent = sent  # whether any response byte had arrived
         self.delivered = delivered  # False: the request never reached the replica (safe to retry)
 
 
@@ -32,7 +31,7 @@ class UpstreamResponse:
 
 class _Connection(asyncio.Protocol):
     __slots__ = (
-        "chunks", "closed", "content_type", "got_bytes", "keep_alive", "parser", "reused", "transport", "waiter"
+        "chunks", "closed", "content_type", "keep_alive", "parser", "transport", "waiter"
     )
 
     def __init__(self) -> None:
@@ -42,9 +41,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.content_type = b"application/json"
         self.chunks: list[bytes] = []
-        self.got_bytes = False
         self.keep_alive = True
-        self.reused = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -54,19 +51,16 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"invalid response from replica: {exc}", sent=True))
+            self._fail(UpstreamError(f"invalid response from replica: {exc}"))
             if self.transport is not None:
                 self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._fail(
-            UpstreamError("replica closed the connection before answering", sent=self.got_bytes)
-        )
+        self._fail(UpstreamError("replica closed the connection before answering"))
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -92,7 +86,6 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.chunks = []
         self.content_type = b"application/json"
-        self.got_bytes = False
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.waiter
@@ -128,41 +121,38 @@ class Upstream:
                 _, conn = await loop.create_connection(_Connection, *self._tcp)
         except OSError as exc:
             raise UpstreamError(
-                f"cannot connect to replica at {self.address}: {exc}", sent=False, delivered=False
+                f"cannot connect to replica at {self.address}: {exc}", delivered=False
             ) from exc
         return conn
 
     async def request(
         self, path: bytes, body: bytes, content_type: bytes, timeout_s: float
     ) -> UpstreamResponse:
-        """POST `body` to `path`; retries once on a fresh connection if a reused one was stale."""
+        """POST `body` to `path` on a pooled connection.
+
+        Never retried here: once written, the request may be running in the replica, and a
+        replica that dies mid-request must answer 503, not run it twice somewhere else. Only a
+        failure to connect (`delivered=False`) is safe for the caller to send elsewhere.
+        """
         head = b"".join(
             (
                 b"POST ", path, b" HTTP/1.1\r\nHost: replica\r\nContent-Type: ",
                 content_type, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n",
             )
         )
-        data = head + body
         self.outstanding += 1
         try:
-            for attempt in (0, 1):
-                conn = self._take_idle()
-                if conn is None:
-                    conn = await self._connect()
-                try:
-                    response = await asyncio.wait_for(conn.send(data), timeout_s)
-                except UpstreamError as exc:
-                    # A reused connection the replica closed while idle: nothing was processed.
-                    if attempt == 0 and conn.reused and not exc.sent:
-                        continue
-                    raise
-                except TimeoutError:
-                    if conn.transport is not None:
-                        conn.transport.close()
-                    raise
-                self._give_back(conn)
-                return response
-            raise AssertionError("unreachable")
+            conn = self._take_idle()
+            if conn is None:
+                conn = await self._connect()
+            try:
+                response = await asyncio.wait_for(conn.send(head + body), timeout_s)
+            except TimeoutError:
+                if conn.transport is not None:
+                    conn.transport.close()
+                raise
+            self._give_back(conn)
+            return response
         finally:
             self.outstanding -= 1
 
@@ -170,7 +160,6 @@ class Upstream:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
-                conn.reused = True
                 return conn
         return None
 
