@@ -19,6 +19,7 @@ from berth.control.reconciler import CrashPolicy, Reconciler
 from berth.control.service import EndpointService
 from berth.gateway.app import Gateway, RootApp
 from berth.gateway.auth import TokenAuthority, hash_token, new_token
+from berth.observability.metrics import Metrics
 from berth.settings import Settings
 from berth.store import Store
 
@@ -40,7 +41,8 @@ class Platform:
         self.store = Store(settings.resolved_store_url)
         self.backend = LocalBackend(settings.data_dir / "logs" / "replicas")
         self.auth = TokenAuthority(self.store.token_hashes())
-        self.gateway = Gateway(self.auth, request_timeout_s=settings.request_timeout_s)
+        self.metrics = Metrics()
+        self.gateway = Gateway(self.auth, self.metrics, request_timeout_s=settings.request_timeout_s)
         self.reconciler = Reconciler(
             self.backend,
             self.store,

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from berth.errors import BerthError, DeadlineExceeded, ResourceDoesNotExist, TemporarilyUnavailable
 from berth.gateway.auth import TokenAuthority
-from berth.gateway.routing import RoutingTable, choose_entity, choose_replica
-from berth.gateway.upstream import Upstream, UpstreamError
-from berth.http import JSON, ASGIApp, Receive, Scope, Send, header, read_body, send_error, send_response
+from berth.gateway.routing import EntityRoute, RoutingTable, choose_entity, choose_replica
+from berth.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
+from berth.http import JSON, ASGIApp, Receive, Scope, Send, error_body, header, read_body, send_error, send_response
+from berth.observability.metrics import Metrics
 
 INVOCATIONS_PREFIX = "/serving-endpoints/"
 INVOCATIONS_SUFFIX = "/invocations"
@@ -26,8 +29,11 @@ _NOT_FOUND = b'{"error_code":"NOT_FOUND","message":"Not found"}'
 class Gateway:
     """Holds the routing table and a connection pool per ready replica."""
 
-    def __init__(self, auth: TokenAuthority, *, request_timeout_s: float) -> None:
+    def __init__(self, auth: TokenAuthority, metrics: Metrics, *, request_timeout_s: float) -> None:
         self.auth = auth
+        self.metrics = metrics
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._latency: dict[str, Any] = {}
         self.request_timeout_s = request_timeout_s
         self.table = RoutingTable()
         self.upstreams: dict[str, Upstream] = {}
@@ -51,55 +57,65 @@ class Gateway:
         return upstream.outstanding if upstream is not None else 0
 
     async def invoke(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.table.endpoints.get(name)
-        if route is None:
-            await send_error(send, ResourceDoesNotExist(f"Endpoint '{name}' does not exist."))
-            return
-        choice = choose_entity(route, random.random() * 100.0)
-        if isinstance(choice, BerthError):
-            await send_error(send, choice)
-            return
         body = await read_body(receive)
-        content_type = header(scope, b"content-type") or b""
+        read_at = time.perf_counter()
+        route = self.table.endpoints.get(name)
+        entity = ""
+        outcome: UpstreamResponse | BerthError
+        if route is None:
+            outcome = ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
+            name = ""  # unknown names get no metric series of their own
+        else:
+            choice = choose_entity(route, random.random() * 100.0)
+            if isinstance(choice, BerthError):
+                outcome = choice
+            else:
+                entity = choice.name
+                outcome = await self._forward(choice, body, header(scope, b"content-type") or b"")
+        if isinstance(outcome, BerthError):
+            status, payload, headers = error_body(outcome)
+        else:
+            status, payload = outcome.status, outcome.body
+            headers = [(b"content-type", outcome.content_type), (b"served-model-name", entity.encode())]
+        await send_response(send, status, payload, headers)
+        self._record(name, entity, status, read_at, outcome)
+
+    async def _forward(self, choice: EntityRoute, body: bytes, content_type: bytes) -> UpstreamResponse | BerthError:
         replicas = choice.replicas
-        try:
-            while True:
-                replica_id, _ = choose_replica(replicas, self._outstanding)
-                upstream = self.upstreams.get(replica_id)
-                try:
-                    if upstream is None:  # removed from the table while the body was read
-                        raise UpstreamError("replica was removed", delivered=False)
-                    response = await upstream.request(b"/invocations", body, content_type, self.request_timeout_s)
-                    break
-                except UpstreamError as exc:
-                    # Never delivered (the replica is gone): another ready replica may take it.
-                    replicas = tuple(r for r in replicas if r[0] != replica_id and r[0] in self.upstreams)
-                    if exc.delivered or not replicas:
-                        raise
-        except UpstreamError as exc:
-            await send_error(
-                send,
-                TemporarilyUnavailable(
-                    f"Replica of served entity '{choice.name}' stopped before answering ({exc}); "
-                    "retry the request.",
+        while True:
+            replica_id, _ = choose_replica(replicas, self._outstanding)
+            upstream = self.upstreams.get(replica_id)
+            try:
+                if upstream is None:  # removed from the table while the body was read
+                    raise UpstreamError("replica was removed", delivered=False)
+                return await upstream.request(b"/invocations", body, content_type, self.request_timeout_s)
+            except UpstreamError as exc:
+                # Never delivered (the replica is gone): another ready replica may take it.
+                replicas = tuple(r for r in replicas if r[0] != replica_id and r[0] in self.upstreams)
+                if not exc.delivered and replicas:
+                    continue
+                return TemporarilyUnavailable(
+                    f"Replica of served entity '{choice.name}' stopped before answering ({exc}); retry the request.",
                     retry_after=1,
-                ),
-            )
-            return
-        except TimeoutError:
-            await send_error(
-                send,
-                DeadlineExceeded(
+                )
+            except TimeoutError:
+                return DeadlineExceeded(
                     f"Served entity '{choice.name}' did not answer within {self.request_timeout_s:g} s."
-                ),
-            )
-            return
-        await send_response(
-            send,
-            response.status,
-            response.body,
-            [(b"content-type", response.content_type), (b"served-model-name", choice.name.encode())],
-        )
+                )
+
+    def _record(self, endpoint: str, entity: str, status: int, read_at: float, outcome: object) -> None:
+        done = time.perf_counter()
+        key = (endpoint, entity, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.metrics.requests.labels(endpoint, entity, str(status))
+        counter.inc()
+        histogram = self._latency.get(endpoint)
+        if histogram is None:
+            histogram = self._latency[endpoint] = self.metrics.latency.labels(endpoint)
+        histogram.observe(done - read_at)
+        if isinstance(outcome, UpstreamResponse):
+            self.metrics.gateway_added.observe((outcome.sent_at - read_at) + (done - outcome.received_at))
 
     def close(self) -> None:
         for upstream in self.upstreams.values():
@@ -142,6 +158,10 @@ class RootApp:
             self.gateway.auth.check(header(scope, b"authorization"))
         except BerthError as exc:
             await send_error(send, exc)
+            return
+        if path == "/metrics" and scope["method"] == "GET":
+            metrics = self.gateway.metrics
+            await send_response(send, 200, metrics.render(), [(b"content-type", metrics.content_type.encode())])
             return
         if path.startswith(INVOCATIONS_PREFIX) and path.endswith(INVOCATIONS_SUFFIX):
             name = path[len(INVOCATIONS_PREFIX) : -len(INVOCATIONS_SUFFIX)]

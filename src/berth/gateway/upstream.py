@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -27,11 +28,13 @@ class UpstreamResponse:
     status: int
     content_type: bytes
     body: bytes
+    sent_at: float  # perf_counter() when the request was handed to the socket
+    received_at: float  # perf_counter() when the response's last byte was parsed
 
 
 class _Connection(asyncio.Protocol):
     __slots__ = (
-        "chunks", "closed", "content_type", "keep_alive", "parser", "transport", "waiter"
+        "chunks", "closed", "content_type", "keep_alive", "parser", "sent_at", "transport", "waiter"
     )
 
     def __init__(self) -> None:
@@ -42,6 +45,7 @@ class _Connection(asyncio.Protocol):
         self.content_type = b"application/json"
         self.chunks: list[bytes] = []
         self.keep_alive = True
+        self.sent_at = 0.0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,7 +79,11 @@ class _Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-            waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.content_type, body))
+            waiter.set_result(
+                UpstreamResponse(
+                    self.parser.get_status_code(), self.content_type, body, self.sent_at, time.perf_counter()
+                )
+            )
 
     def _fail(self, exc: UpstreamError) -> None:
         waiter = self.waiter
@@ -87,6 +95,7 @@ class _Connection(asyncio.Protocol):
         self.chunks = []
         self.content_type = b"application/json"
         self.waiter = asyncio.get_running_loop().create_future()
+        self.sent_at = time.perf_counter()
         self.transport.write(data)
         return self.waiter
 
