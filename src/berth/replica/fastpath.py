@@ -46,8 +46,10 @@ class NumericParser:
         """A parser when every input is a required `double` column, else None."""
         if schema is None or schema.is_tensor_spec() or not schema.has_input_names():
             return None
+        from mlflow.types import DataType
+
         specs = schema.inputs
-        if not specs or any(str(s.type) != "double" or not s.required for s in specs):
+        if not specs or any(s.type != DataType.double or not s.required for s in specs):
             return None
         names = [s.name for s in specs]
         return cls(names) if len(set(names)) == len(names) else None
