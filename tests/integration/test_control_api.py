@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from berth.settings import host_cores
 from tests.conftest import ServerProcess
+from tests.integration.replica_tools import poll, replicas_named
 
 X_BODY = {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}
 HEX32 = set("0123456789abcdef")
@@ -51,32 +51,7 @@ def endpoint_names(server: ServerProcess) -> list[str]:
 
 def replica_pids(server: ServerProcess, entity: str) -> set[int]:
     """Live replica processes of the server (`python -m berth.replica ... --name <entity>`)."""
-    pids = set()
-    for child in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            cmdline = child.cmdline()
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            continue
-        if (
-            "berth.replica" in cmdline
-            and "--name" in cmdline
-            and cmdline[cmdline.index("--name") + 1] == entity
-        ):
-            pids.add(child.pid)
-    return pids
-
-
-def poll(fn: Callable[[], Any], *, timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
-        time.sleep(0.05)
+    return {r.pid for r in replicas_named(server, entity)}
 
 
 def served_by(response: httpx.Response) -> str:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from tests.conftest import ServerProcess
+from tests.integration.replica_tools import replicas_of
 
 X_BODY = {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}
 TOLERANCE_PP = 3.0
@@ -26,17 +26,7 @@ TOLERANCE_PP = 3.0
 
 def replica_entities(server: ServerProcess) -> dict[int, str]:
     """pid -> served-entity name of every live replica process of the server."""
-    out = {}
-    for child in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            cmdline = child.cmdline()
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            continue
-        if "berth.replica" in cmdline and "--name" in cmdline:
-            out[child.pid] = cmdline[cmdline.index("--name") + 1]
-    return out
+    return {r.pid: r.name for r in replicas_of(server)}
 
 
 def routes(**pcts: int) -> dict[str, Any]:
