@@ -11,11 +11,13 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from berth.control.openapi import endpoint_openapi
 from berth.control.service import EndpointService
 from berth.errors import BerthError, InternalError, MalformedRequest
 from berth.http import error_body
@@ -70,6 +72,17 @@ def build_control_app(service: EndpointService) -> Starlette:
         p = request.path_params
         return json_response(service.logs(p["name"], p["served"], build=True))
 
+    async def openapi(request: Request) -> Response:
+        # The serving config's entities (the pending one's while the endpoint is being created).
+        name = request.path_params["name"]
+        view = service.get(name)
+        config = view.get("config") or view.get("pending_config") or {}
+        pairs = [(e["name"], e["entity_name"]) for e in config.get("served_entities", [])]
+        doc = await run_in_threadpool(endpoint_openapi, name, pairs, str(request.base_url))
+        accept = request.headers.get("accept", "")
+        media = "application/json" if "application/json" in accept and "text/plain" not in accept else "text/plain"
+        return Response(orjson.dumps(doc, option=orjson.OPT_INDENT_2), media_type=media)
+
     async def on_berth_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BerthError)
         return error_response(exc)
@@ -92,6 +105,7 @@ def build_control_app(service: EndpointService) -> Starlette:
         Route(BASE + "/{name}/config", update_config, methods=["PUT"]),
         Route(BASE + "/{name}/served-models/{served}/logs", logs, methods=["GET"]),
         Route(BASE + "/{name}/served-models/{served}/build-logs", build_logs, methods=["GET"]),
+        Route(BASE + "/{name}/openapi", openapi, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
