@@ -236,6 +236,37 @@ def query(
     console.print(response.text, markup=False, highlight=False, soft_wrap=True)
 
 
+@app.command()
+def loadtest(
+    name: Annotated[str | None, typer.Argument(help="Endpoint to load (or pass --url).")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="Load any URL instead (GET unless --body).")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Connections (closed loop: in flight).")] = 16,
+    rate: Annotated[float | None, typer.Option("--rate", "-r", help="Open loop at this many requests/s.")] = None,
+    duration: Annotated[float, typer.Option("--duration", "-d", help="Measured seconds.")] = 10.0,
+    warmup: Annotated[float, typer.Option("--warmup", help="Unmeasured seconds first.")] = 0.0,
+    body: Annotated[str | None, typer.Option("--body", help="Request JSON (or @file); default: from OpenAPI.")] = None,
+    target_qps: Annotated[float | None, typer.Option("--target-qps", help="QPS to size concurrency for.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a request counts as failed.")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    host: HostOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Load an endpoint at a fixed concurrency or rate; print throughput, latency and a concurrency advice."""
+    from berth.client.loadtest import LoadSpec, LoadTestError, build_target, render_result, run_loadtest
+
+    try:
+        target = build_target(name, url, host, token, _text_arg(body) if body is not None else None)
+        spec = LoadSpec(concurrency=concurrency, rate=rate, duration_s=duration, warmup_s=warmup, timeout_s=timeout)
+        result = run_loadtest(target, spec, target_qps=target_qps, progress=not as_json)
+    except (LoadTestError, OSError) as exc:
+        err_console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.print(render_result(result, explicit_target=target_qps is not None))
+
+
 def _local_model_dir(model_uri: str) -> Path:
     path = Path(model_uri.removeprefix("file://")).expanduser()
     if not (path / "MLmodel").is_file():
