@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +136,41 @@ def assert_temporarily_unavailable(response: httpx.Response) -> dict[str, Any]:
     assert body["message"], body
     assert int(response.headers["Retry-After"]) >= 1, response.headers
     return body  # type: ignore[no-any-return]
+
+
+class ReplicaProcess:
+    """`python -m berth.replica` started directly (no server), polled until it answers /ping."""
+
+    def __init__(self, model: Path, tmp: Path, max_concurrency: int, replica_id: str = "test") -> None:
+        self.socket = f"/tmp/berth-test-{uuid.uuid4().hex[:8]}.sock"
+        self.log = tmp / f"replica-{uuid.uuid4().hex[:6]}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "berth.replica", "--model-uri", str(model), "--socket", self.socket,
+                 "--replica-id", replica_id, "--max-concurrency", str(max_concurrency)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        with self.client() as client:
+            while True:
+                assert self.proc.poll() is None, self.log.read_text()
+                try:
+                    if client.get("/ping").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, self.log.read_text()
+                time.sleep(0.05)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://replica", timeout=60)
+
+    def stats(self) -> dict[str, Any]:
+        return replica_stats(self.socket)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)

@@ -5,12 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import time
-import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,52 +12,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.models import FEATURES
+from tests.integration.replica_tools import ReplicaProcess
 
 pytestmark = pytest.mark.slow
-
-
-class Replica:
-    def __init__(self, model: Path, tmp: Path, max_concurrency: int) -> None:
-        self.socket = f"/tmp/berth-test-{uuid.uuid4().hex[:8]}.sock"
-        self.log = tmp / f"replica-{uuid.uuid4().hex[:6]}.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "berth.replica", "--model-uri", str(model), "--socket", self.socket,
-                 "--replica-id", "batchtest", "--max-concurrency", str(max_concurrency)],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        with httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://replica") as client:
-            while True:
-                assert self.proc.poll() is None, self.log.read_text()
-                try:
-                    if client.get("/ping").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, self.log.read_text()
-                time.sleep(0.05)
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://replica", timeout=60)
-
-    def stats(self) -> dict:
-        with self.client() as c:
-            return c.get("/stats").json()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        if os.path.exists(self.socket):
-            os.unlink(self.socket)
 
 
 @pytest.fixture(scope="module")
 def replicas(model_zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("batching")
     started = {
-        "classifier": Replica(model_zoo("sklearn_classifier"), tmp, max_concurrency=64),
-        "dataframe": Replica(model_zoo("dataframe_model"), tmp, max_concurrency=64),
+        "classifier": ReplicaProcess(model_zoo("sklearn_classifier"), tmp, max_concurrency=64),
+        "dataframe": ReplicaProcess(model_zoo("dataframe_model"), tmp, max_concurrency=64),
     }
     yield started
     for replica in started.values():
@@ -105,7 +64,7 @@ async def send_concurrently(socket: str, requests: list[tuple[bytes, str]]) -> l
     return [(r.status_code, r.content) for r in responses]
 
 
-def one_at_a_time(replica: Replica, requests: list[tuple[bytes, str]]) -> list[tuple[int, bytes]]:
+def one_at_a_time(replica: ReplicaProcess, requests: list[tuple[bytes, str]]) -> list[tuple[int, bytes]]:
     with replica.client() as c:
         return [
             (r.status_code, r.content)

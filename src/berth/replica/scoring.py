@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from io import BytesIO, StringIO
@@ -21,6 +22,7 @@ import orjson
 
 from berth.replica import batching
 from berth.replica.fastpath import NumericParser, Table
+from berth.runtimes.pyfunc import table_predictor
 
 log = logging.getLogger("berth.replica")
 
@@ -56,9 +58,18 @@ class Scorer:
         self.input_schema = self.model.metadata.get_input_schema()
         self._takes_params = "params" in inspect.signature(self.model.predict).parameters
         self.numeric = NumericParser.for_schema(self.input_schema)
+        self.table_predictor = table_predictor(self.model, self.numeric.columns) if self.numeric else None
         self.batches = 0
         self.batched_requests = 0
         self.largest_batch = 0
+        self.model_call_s = 0.0  # seconds spent in model calls so far (the batcher times calls with it)
+
+    @property
+    def fast_path(self) -> str:
+        """How fast-parsed rows reach the model: "array", "frame", "mlflow" (MLflow's predict), or "none"."""
+        if self.numeric is None:
+            return "none"
+        return self.table_predictor.kind if self.table_predictor is not None else "mlflow"
 
     # One request
     def score(self, body: bytes, content_type: str) -> ScoringResult:
@@ -131,10 +142,22 @@ class Scorer:
             return _internal_error(exc)
 
     def _call_model(self, data: Any, params: dict[str, Any] | None) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._call_model_untimed(data, params)
+        finally:
+            self.model_call_s += time.perf_counter() - started
+
+    def _call_model_untimed(self, data: Any, params: dict[str, Any] | None) -> Any:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
         if isinstance(data, Table):
+            if self.table_predictor is not None and params is None:
+                try:
+                    return self.table_predictor.predict(data.values)
+                except Exception:
+                    pass  # MLflow's own path below gives this input MLflow's own answer
             data = data.frame()
         try:
             if self._takes_params:
@@ -226,9 +249,3 @@ def _internal_error(exc: Exception) -> ScoringResult:
         "stack_trace": traceback.format_exc(),
     }
     return ScoringResult(500, orjson.dumps(payload), "application/json")
-
-
-def describe_model(scorer: Scorer) -> dict[str, Any]:
-    """What the replica reports about its model (signature presence, flavor)."""
-    meta = scorer.model.metadata
-    return {"has_signature": meta.signature is not None, "flavors": sorted(meta.flavors)}

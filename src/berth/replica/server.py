@@ -1,4 +1,9 @@
-"""The replica's HTTP server: a raw ASGI app (no framework) served by uvicorn on a Unix socket.
+"""The replica's HTTP server: an asyncio protocol on httptools' parser, on a Unix socket (or TCP).
+
+Its one client is the gateway (and tests, and `curl --unix-socket`): HTTP/1.1 with keep-alive and
+in-order answers, no ASGI layer, no task per request. A request's body goes straight to the
+`Batcher`, whose completion callback writes the answer (`bench/http_servers.py` measures this
+against uvicorn's ASGI server).
 
 Predictions run on one worker thread (one GIL-bound worker per replica, one replica per core).
 Requests that arrive while it is busy wait together and go to the model as one batch when it is
@@ -8,18 +13,34 @@ free: batch size grows with load, with no timer to tune.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import socket
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from http import HTTPStatus
 
+import httptools
 import orjson
 
-from berth.http import Receive, Scope, Send, header, read_body, send_response
 from berth.replica.scoring import Scorer, ScoringResult
 
-_PING_HEADERS = [(b"content-type", b"application/json")]
+JSON = b"application/json"
+NOT_FOUND = b'{"error_code":"NOT_FOUND","message":"Not found"}'
+BAD_REQUEST = b'{"error_code":"MALFORMED_REQUEST","message":"Malformed HTTP request"}'
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
-Pending = tuple[bytes, str, "asyncio.Future[ScoringResult]"]
+Done = Callable[[ScoringResult], None]
+Pending = tuple[bytes, str, Done]
+
+
+# A model call shorter than this runs on the event loop itself: handing it to the predict thread and
+# back costs ~0.1–0.3 ms of CPU here, a large share of it, and leaves little I/O to overlap with it.
+# Longer calls (a forest, a network) run on the thread while the loop reads and answers requests.
+INLINE_CALL_S = 0.002
+_EWMA = 0.2  # weight of the newest model call in the running estimate of its duration
 
 
 class Batcher:
@@ -29,49 +50,77 @@ class Batcher:
         self.scorer = scorer
         self.max_batch = max(1, max_batch)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+        self.call_s = float("inf")  # running estimate of one model call; unknown: the thread first
         self._pending: deque[Pending] = deque()
         self._busy = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def queued(self) -> int:
         return len(self._pending)
 
-    async def submit(self, body: bytes, content_type: str) -> ScoringResult:
-        future: asyncio.Future[ScoringResult] = asyncio.get_running_loop().create_future()
-        self._pending.append((body, content_type, future))
+    @property
+    def inline(self) -> bool:
+        return self.call_s < INLINE_CALL_S
+
+    def submit(self, body: bytes, content_type: str, done: Done) -> None:
+        """Queue a request; `done(result)` runs on the event loop when it is scored.
+
+        An idle model starts at the end of this loop iteration, not at once: requests that
+        arrived in the same read from the sockets go into one call instead of the first one alone.
+        """
+        self._pending.append((body, content_type, done))
         if not self._busy:
-            self._next()
-        return await future
+            self._busy = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._next)
 
     def _next(self) -> None:
         if not self._pending:
             self._busy = False
             return
-        self._busy = True
-        batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-        done = asyncio.get_running_loop().run_in_executor(self.executor, self._score, batch)
-        done.add_done_callback(lambda f: self._finish(batch, f))
+        n = min(self.max_batch, len(self._pending))
+        batch = [self._pending.popleft() for _ in range(n)]
+        if self.inline:
+            self._answer(batch, self._run(batch))
+            self._loop.call_soon(self._next)  # type: ignore[union-attr]  # read the sockets before the next batch
+        else:
+            future = self.executor.submit(self._run, batch)
+            future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._finish, batch, f))  # type: ignore[union-attr]
 
-    def _score(self, batch: list[Pending]) -> list[ScoringResult]:
-        if len(batch) == 1:
-            return [self.scorer.score(batch[0][0], batch[0][1])]
-        return self.scorer.score_many([(body, ctype) for body, ctype, _ in batch])
-
-    def _finish(self, batch: list[Pending], done: asyncio.Future[list[ScoringResult]]) -> None:
-        error = done.exception()
-        results = done.result() if error is None else [None] * len(batch)
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if error is not None:
-                future.set_exception(error)
+    def _run(self, batch: list[Pending]) -> list[ScoringResult]:
+        before = self.scorer.model_call_s
+        try:
+            if len(batch) == 1:
+                results = [self.scorer.score(batch[0][0], batch[0][1])]
             else:
-                future.set_result(result)  # type: ignore[arg-type]
-        self._next()
+                results = self.scorer.score_many([(body, ctype) for body, ctype, _ in batch])
+        except Exception as exc:  # the scorer turns model errors into answers: this is a bug in ours
+            error = ScoringResult(500, orjson.dumps({"error_code": "INTERNAL_ERROR", "message": repr(exc)}),
+                                  "application/json")
+            results = [error] * len(batch)
+        took = self.scorer.model_call_s - before
+        if took > 0:
+            self.call_s = took if self.call_s == float("inf") else (1 - _EWMA) * self.call_s + _EWMA * took
+        return results
+
+    def _finish(self, batch: list[Pending], future: Future[list[ScoringResult]]) -> None:
+        if self.inline:
+            self._answer(batch, future.result())
+            self._next()
+        else:
+            self._next()  # start the next batch before answering: the model never waits for our writes
+            self._answer(batch, future.result())
+
+    @staticmethod
+    def _answer(batch: list[Pending], results: list[ScoringResult]) -> None:
+        for (_, _, done), result in zip(batch, results, strict=True):
+            done(result)
 
 
 class ReplicaApp:
-    """Serves `/invocations`, `/ping`, `/health` and `/stats` for one loaded model."""
+    """Routes `/invocations`, `/ping`, `/health` and `/stats` for one loaded model."""
 
     def __init__(self, scorer: Scorer, replica_id: str, name: str, max_concurrency: int = 1) -> None:
         self.scorer = scorer
@@ -80,20 +129,6 @@ class ReplicaApp:
         self.batcher = Batcher(scorer, max_batch=max_concurrency)
         self.requests = 0
         self.in_flight = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        path = scope["path"]
-        method = scope["method"]
-        if path == "/invocations" and method == "POST":
-            await self._invocations(scope, receive, send)
-        elif path in ("/ping", "/health") and method == "GET":
-            await send_response(send, 200, b"\n", _PING_HEADERS)
-        elif path == "/stats" and method == "GET":
-            await send_response(send, 200, orjson.dumps(self.stats()), _PING_HEADERS)
-        else:
-            await send_response(send, 404, b'{"error_code":"NOT_FOUND","message":"Not found"}', _PING_HEADERS)
 
     def stats(self) -> dict[str, object]:
         return {
@@ -106,15 +141,168 @@ class ReplicaApp:
             "batches": self.scorer.batches,
             "batched_requests": self.scorer.batched_requests,
             "largest_batch": self.scorer.largest_batch,
+            "fast_path": self.scorer.fast_path,
+            "predict_on": "loop" if self.batcher.inline else "thread",
+            "model_call_ms": round(self.batcher.call_s * 1e3, 3) if self.batcher.call_s != float("inf") else None,
         }
 
-    async def _invocations(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await read_body(receive)
-        content_type = (header(scope, b"content-type") or b"").decode("latin-1")
-        self.in_flight += 1
+    def handle(self, method: bytes, path: bytes, content_type: bytes, body: bytes,
+               answer: Callable[[int, bytes, bytes], None]) -> None:
+        """Answer one request through `answer(status, content_type, body)`, now or when scored."""
+        if path == b"/invocations" and method == b"POST":
+            self.in_flight += 1
+
+            def done(result: ScoringResult) -> None:
+                self.in_flight -= 1
+                self.requests += 1
+                answer(result.status, result.content_type.encode(), result.body)
+
+            self.batcher.submit(body, content_type.decode("latin-1"), done)
+        elif path in (b"/ping", b"/health") and method in (b"GET", b"HEAD"):
+            answer(200, JSON, b"\n")
+        elif path == b"/stats" and method == b"GET":
+            answer(200, JSON, orjson.dumps(self.stats()))
+        else:
+            answer(404, JSON, NOT_FOUND)
+
+
+class _Slot:
+    """One request's place in its connection's answer order."""
+
+    __slots__ = ("data", "keep_alive")
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.data: bytes | None = None
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses requests as they arrive and writes the answers in request order."""
+
+    def __init__(self, server: ReplicaServer) -> None:
+        self.server = server
+        self.app = server.app
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.slots: deque[_Slot] = deque()
+        self._url = b""
+        self._content_type = b""
+        self._body: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
         try:
-            result = await self.batcher.submit(body, content_type)
-        finally:
-            self.in_flight -= 1
-            self.requests += 1
-        await send_response(send, result.status, result.body, [(b"content-type", result.content_type.encode())])
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse()
+        except httptools.HttpParserError:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        if self.transport is not None:
+            self.transport.write(_response(400, JSON, BAD_REQUEST, keep_alive=False))
+            self.transport.close()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._content_type = b""
+        self._body = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type":
+            self._content_type = value
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        slot = _Slot(self.parser.should_keep_alive())
+        self.slots.append(slot)
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        path = self._url.partition(b"?")[0]
+
+        method = self.parser.get_method()
+
+        def answer(status: int, content_type: bytes, payload: bytes) -> None:
+            slot.data = _response(status, content_type, payload, slot.keep_alive, head=method == b"HEAD")
+            self._flush()
+
+        self.app.handle(method, path, self._content_type, body, answer)
+
+    def _flush(self) -> None:
+        while self.slots and self.slots[0].data is not None:
+            slot = self.slots.popleft()
+            if self.transport is None:
+                continue  # the client left: its answers go nowhere
+            self.transport.write(slot.data)  # type: ignore[arg-type]
+            if not slot.keep_alive:
+                self.transport.close()
+        if not self.slots:
+            self.server.maybe_drained()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.slots)
+
+
+def _response(status: int, content_type: bytes, body: bytes, keep_alive: bool, head: bool = False) -> bytes:
+    return b"".join((
+        b"HTTP/1.1 ", str(status).encode(), b" ", _REASONS.get(status, b"Unknown"),
+        b"\r\ncontent-type: ", content_type, b"\r\ncontent-length: ", str(len(body)).encode(),
+        b"\r\n\r\n" if keep_alive else b"\r\nconnection: close\r\n\r\n", b"" if head else body,
+    ))
+
+
+class ReplicaServer:
+    """Serves a `ReplicaApp` until SIGTERM/SIGINT, then finishes the requests it holds and returns."""
+
+    def __init__(self, app: ReplicaApp, *, uds: str | None = None, host: str = "127.0.0.1", port: int = 0,
+                 drain_timeout_s: float = 60.0) -> None:
+        self.app = app
+        self.uds = uds
+        self.host = host
+        self.port = port
+        self.drain_timeout_s = drain_timeout_s
+        self.connections: set[_Connection] = set()
+        self._drained: asyncio.Event | None = None
+
+    def maybe_drained(self) -> None:
+        if self._drained is not None and not any(c.busy for c in self.connections):
+            self._drained.set()
+
+    async def serve(self, on_listening: Callable[[], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if self.uds is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.uds)
+            server = await loop.create_unix_server(lambda: _Connection(self), self.uds, backlog=2048)
+        else:
+            server = await loop.create_server(lambda: _Connection(self), self.host, self.port, backlog=2048)
+            for sock in server.sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if on_listening is not None:
+            on_listening()
+        await stop.wait()
+        server.close()  # no new connections; requests already read are answered
+        self._drained = asyncio.Event()
+        self.maybe_drained()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), self.drain_timeout_s)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        self.app.batcher.executor.shutdown(wait=False, cancel_futures=True)
