@@ -34,7 +34,7 @@ class UpstreamResponse:
 
 class _Connection(asyncio.Protocol):
     __slots__ = (
-        "chunks", "closed", "content_type", "keep_alive", "parser", "sent_at", "transport", "waiter"
+        "chunks", "closed", "content_type", "keep_alive", "parser", "sent_at", "timer", "transport", "waiter"
     )
 
     def __init__(self) -> None:
@@ -46,6 +46,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.keep_alive = True
         self.sent_at = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +77,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()
+        self._stop_timer()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
@@ -85,16 +87,37 @@ class _Connection(asyncio.Protocol):
                 )
             )
 
-    def _fail(self, exc: UpstreamError) -> None:
+    def _fail(self, exc: Exception) -> None:
+        self._stop_timer()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def abandon(self) -> None:
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timed_out(self) -> None:
+        # The answer may still come: this connection cannot carry another request.
+        self.timer = None
+        self._fail(TimeoutError())
+        if self.transport is not None:
+            self.transport.close()
+
+    def send(self, data: bytes, timeout_s: float) -> asyncio.Future[UpstreamResponse]:
+        """Write one request; the future gets its response, an `UpstreamError`, or `TimeoutError`."""
         assert self.transport is not None
         self.chunks = []
         self.content_type = b"application/json"
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        self.timer = loop.call_later(timeout_s, self._timed_out)
         self.sent_at = time.perf_counter()
         self.transport.write(data)
         return self.waiter
@@ -155,10 +178,9 @@ class Upstream:
             if conn is None:
                 conn = await self._connect()
             try:
-                response = await asyncio.wait_for(conn.send(head + body), timeout_s)
-            except TimeoutError:
-                if conn.transport is not None:
-                    conn.transport.close()
+                response = await conn.send(head + body, timeout_s)
+            except asyncio.CancelledError:
+                conn.abandon()  # its answer would come on a connection nobody reads
                 raise
             self._give_back(conn)
             return response
