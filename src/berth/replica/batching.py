@@ -45,17 +45,50 @@ def batch_key(data: Any, params: Any) -> Hashable | None:
     return None
 
 
-def group_requests(items: Mapping[int, tuple[Any, Any]]) -> list[list[int]]:
-    """Group request ids (in arrival order) by `batch_key`; unbatchable requests stand alone."""
-    groups: dict[Hashable, list[int]] = {}
+# What one merged model call may take in: a batch's input stays under this many bytes.
+BATCH_INPUT_BYTES = 64 * 1024 * 1024
+# Bytes per value of MLflow's column types (strings and binaries: a typical size, not a bound).
+_COLUMN_BYTES = {"boolean": 1, "integer": 4, "long": 8, "float": 4, "double": 8, "datetime": 8,
+                 "string": 64, "binary": 1024}
+
+
+def row_cap(schema: Any) -> int:
+    """Rows one merged model call may take, from the model's input signature: as many as fit in
+    `BATCH_INPUT_BYTES` (a 20-double row: ~420k rows; a 224×224×3 float32 image: 111)."""
+    return max(1, BATCH_INPUT_BYTES // _row_bytes(schema))
+
+
+def _row_bytes(schema: Any) -> int:
+    if schema is None:
+        return 1024  # no signature: assume a wide row
+    if schema.is_tensor_spec():
+        total = 0
+        for spec in schema.inputs:
+            shape = [abs(d) for d in spec.shape[1:]] if spec.shape else []
+            total += int(np.prod(shape, dtype=np.int64)) * spec.type.itemsize if shape else spec.type.itemsize
+        return max(1, total)
+    return max(1, sum(_COLUMN_BYTES.get(str(getattr(s.type, "name", s.type)), 64) for s in schema.inputs))
+
+
+def group_requests(items: Mapping[int, tuple[Any, Any]], max_rows: int | None = None) -> list[list[int]]:
+    """Group request ids (in arrival order) by `batch_key`, each group at most `max_rows` rows (a
+    request over the cap forms a group of its own); unbatchable requests stand alone."""
+    groups: dict[Hashable, list[list[int]]] = {}
+    rows: dict[Hashable, int] = {}
     alone: list[list[int]] = []
     for rid, (data, params) in items.items():
         key = batch_key(data, params)
         if key is None:
             alone.append([rid])
-        else:
-            groups.setdefault(key, []).append(rid)
-    return [*groups.values(), *alone]
+            continue
+        n = len(data)
+        chunks = groups.setdefault(key, [[]])
+        if max_rows is not None and chunks[-1] and rows[key] + n > max_rows:
+            chunks.append([])
+            rows[key] = 0
+        chunks[-1].append(rid)
+        rows[key] = rows.get(key, 0) + n
+    return [*(chunk for chunks in groups.values() for chunk in chunks), *alone]
 
 
 def merge(inputs: list[Any]) -> tuple[Any, list[int]]:

@@ -58,6 +58,7 @@ class Scorer:
         self.input_schema = self.model.metadata.get_input_schema()
         self._takes_params = "params" in inspect.signature(self.model.predict).parameters
         self.numeric = NumericParser.for_schema(self.input_schema)
+        self.row_cap = batching.row_cap(self.input_schema)
         self.table_predictor = table_predictor(self.model, self.numeric.columns) if self.numeric else None
         self.batches = 0
         self.batched_requests = 0
@@ -200,7 +201,8 @@ class Scorer:
             else:
                 parsed[i] = p
         for group in batching.group_requests(
-            {i: (p.data, p.params if not p.unified_llm else batching.UNBATCHABLE) for i, p in parsed.items()}
+            {i: (p.data, p.params if not p.unified_llm else batching.UNBATCHABLE) for i, p in parsed.items()},
+            self.row_cap,
         ):
             if len(group) > 1 and (merged := self._predict_merged([parsed[i] for i in group])) is not None:
                 for i, result in zip(group, merged, strict=True):
