@@ -29,12 +29,16 @@ BindHost = Annotated[str | None, typer.Option("--host", help="Interface to liste
 Port = Annotated[int | None, typer.Option("--port", help="Port to listen on (0: any free port) [env BERTH_PORT].")]
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="State directory [env BERTH_DATA_DIR].")]
 StoreUrl = Annotated[str | None, typer.Option("--store-url", help="SQLAlchemy URL [env BERTH_STORE_URL].")]
+GatewayWorkers = Annotated[int | None, typer.Option(
+    "--gateway-workers", help="Gateway processes on this port (0: one per 8 cores) [env BERTH_GATEWAY_WORKERS].")]
 
 
-def _settings(host: str | None, port: int | None, data_dir: Path | None, store_url: str | None = None):  # type: ignore[no-untyped-def]
+def _settings(host: str | None, port: int | None, data_dir: Path | None, store_url: str | None = None,  # type: ignore[no-untyped-def]
+              gateway_workers: int | None = None):
     from berth.settings import Settings
 
-    return Settings.from_env(bind_host=host, port=port, data_dir=data_dir, store_url=store_url)
+    return Settings.from_env(bind_host=host, port=port, data_dir=data_dir, store_url=store_url,
+                             gateway_workers=gateway_workers)
 
 
 def _print_token(token: Any) -> None:
@@ -131,14 +135,17 @@ def serve(
 
 
 @app.command()
-def server(host: BindHost = None, port: Port = None, data_dir: DataDir = None, store_url: StoreUrl = None) -> None:
+def server(host: BindHost = None, port: Port = None, data_dir: DataDir = None, store_url: StoreUrl = None,
+           gateway_workers: GatewayWorkers = None) -> None:
     """Run the platform as a long-lived service; endpoints come back after a restart."""
     from berth.server import run_platform
 
-    settings = _settings(host, port, data_dir, store_url)
+    settings = _settings(host, port, data_dir, store_url, gateway_workers)
 
     async def on_ready(platform: Any, url: str, token: Any) -> None:
-        console.print(f"Berth server listening on {url} (data in {settings.data_dir})", markup=False)
+        processes = settings.gateway_processes
+        console.print(f"Berth server listening on {url} (data in {settings.data_dir}; "
+                      f"{processes} gateway process{'es' if processes > 1 else ''})", markup=False)
         _print_token(token)
 
     _run(run_platform(settings, on_ready))

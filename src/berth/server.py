@@ -1,6 +1,7 @@
-"""The platform in one process: store, backend, reconciler, control API and gateway, on uvicorn.
+"""The platform's main process: store, backend, reconciler, control API and gateway, on uvicorn.
 
-Replicas run in their own processes (started by the backend); everything else lives here.
+Replicas run in their own processes (started by the backend). With several gateway processes
+(`gateway_workers`), the others serve the same port beside this one (`berth.gateway.hub`).
 """
 
 from __future__ import annotations
@@ -8,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import shutil
+import socket
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
@@ -20,6 +25,8 @@ from berth.control.reconciler import CrashPolicy, Reconciler
 from berth.control.service import EndpointService
 from berth.gateway.app import Gateway, RootApp
 from berth.gateway.auth import TokenAuthority, hash_token, new_token
+from berth.gateway.hub import GatewayHub, listening_socket
+from berth.gateway.routing import RoutingTable
 from berth.observability.metrics import Metrics
 from berth.settings import Settings
 from berth.store import Store
@@ -42,7 +49,15 @@ class Platform:
         self.store = Store(settings.resolved_store_url)
         self.backend = LocalBackend(settings.data_dir / "logs" / "replicas")
         self.auth = TokenAuthority(self.store.token_hashes())
-        self.metrics = Metrics()
+        self.hub: GatewayHub | None = None
+        shared_metrics: Path | None = None
+        if settings.gateway_processes > 1:
+            run_dir = Path(tempfile.mkdtemp(prefix="berth-gw-"))  # short: it holds Unix sockets
+            self.hub = GatewayHub(settings.gateway_processes, run_dir, request_timeout_s=settings.request_timeout_s,
+                                  log_dir=settings.data_dir / "logs" / "gateway")
+            shared_metrics = self.hub.metrics_dir
+            shared_metrics.mkdir()
+        self.metrics = Metrics(shared_dir=shared_metrics)
         self.gateway = Gateway(self.auth, self.metrics, request_timeout_s=settings.request_timeout_s)
         self.reconciler = Reconciler(
             self.backend,
@@ -55,7 +70,7 @@ class Platform:
             ),
             memory_limit_mb=settings.replica_memory_limit_mb,
             start_timeout_s=settings.replica_start_timeout_s,
-            on_routes=self.gateway.set_routes,
+            on_routes=self._set_routes,
             on_persist=lambda ep: self.service.persist(ep),
         )
         self.service = EndpointService(self.store, self.reconciler, cores=settings.cores)
@@ -65,6 +80,17 @@ class Platform:
             on_startup=self.start,
             on_shutdown=self.stop,
         )
+
+    def _set_routes(self, table: RoutingTable) -> None:
+        self.gateway.set_routes(table)
+        if self.hub is not None:
+            self.hub.publish_routes(table)
+
+    def _reload_tokens(self) -> None:
+        hashes = self.store.token_hashes()
+        self.auth.replace(hashes)
+        if self.hub is not None:
+            self.hub.publish_tokens(hashes)
 
     def ensure_admin_token(self) -> AdminToken:
         """BERTH_ADMIN_TOKEN if set; else the credentials file's token if this store knows it;
@@ -79,7 +105,7 @@ class Platform:
             else:
                 token, generated = new_token(), True
         self.store.add_token(hash_token(token), comment="admin", is_admin=True)
-        self.auth.replace(self.store.token_hashes())
+        self._reload_tokens()
         return AdminToken(token, generated)
 
     async def start(self) -> None:
@@ -95,18 +121,25 @@ class Platform:
         # collector's full passes, which would otherwise pause every request in flight.
         gc.freeze()
 
+    async def start_gateway_workers(self, host: str, port: int) -> None:
+        """Start the other gateway processes on the port this one listens on (none with one process)."""
+        if self.hub is not None:
+            await self.hub.start(host, port)
+
     async def stop(self) -> None:
+        if self.hub is not None:
+            await self.hub.stop()  # first: they would forward to a control plane going away
         await self.reconciler.stop()
         self.gateway.close()
         await self.backend.close()
         self.store.close()
+        if self.hub is not None:
+            shutil.rmtree(self.hub.run_dir, ignore_errors=True)
 
 
-def uvicorn_config(app: RootApp, host: str, port: int) -> uvicorn.Config:
+def uvicorn_config(app: RootApp) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        host=host,
-        port=port,
         loop="uvloop",
         http="httptools",
         lifespan="on",
@@ -124,15 +157,26 @@ async def run_platform(
     """Run the server until SIGINT/SIGTERM. `on_ready(platform, url, token)` runs once listening."""
     platform = Platform(settings)
     token = platform.ensure_admin_token()
-    server = uvicorn.Server(uvicorn_config(platform.app, settings.bind_host, settings.port))
+    sockets = [listening_socket(settings.bind_host, settings.port, reuse_port=platform.hub is not None)]
+    if platform.hub is not None:  # the other gateway processes forward control-plane requests here
+        internal = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        internal.bind(platform.hub.control_path)
+        internal.listen(2048)
+        sockets.append(internal)
+    host, port = sockets[0].getsockname()[:2]
+    server = uvicorn.Server(uvicorn_config(platform.app))
 
     async def announce() -> None:
         while not server.started:
             if server.should_exit:
                 return
             await asyncio.sleep(0.02)
-        sock = server.servers[0].sockets[0]
-        host, port = sock.getsockname()[:2]
+        try:
+            await platform.start_gateway_workers(host, port)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            server.should_exit = True
+            return
         url = f"http://{_url_host(host)}:{port}"
         write_credentials(Credentials(host=url, token=token.token))
         if on_ready is not None:
@@ -140,9 +184,11 @@ async def run_platform(
 
     watcher = asyncio.create_task(announce())
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         watcher.cancel()
+        for sock in sockets:
+            sock.close()
 
 
 def _url_host(host: str) -> str:

@@ -16,6 +16,9 @@ DEFAULT_CRASH_LIMIT = 5
 DEFAULT_CRASH_BACKOFF_S = 0.5
 DEFAULT_CRASH_BACKOFF_MAX_S = 30.0
 DEFAULT_STABLE_AFTER_S = 60.0
+# One gateway process proxies ~5,000 small requests/s on one core (BENCHMARKS.md); on a big host the
+# replicas need the other cores more, so the gateway takes one core in eight.
+CORES_PER_GATEWAY = 8
 
 
 def default_data_dir() -> Path:
@@ -47,6 +50,14 @@ class Settings:
     crash_backoff_max_s: float = DEFAULT_CRASH_BACKOFF_MAX_S
     stable_after_s: float = DEFAULT_STABLE_AFTER_S
     cores: int = field(default_factory=host_cores)
+    gateway_workers: int = 0  # gateway processes on this host; 0: one per CORES_PER_GATEWAY cores
+
+    @property
+    def gateway_processes(self) -> int:
+        """How many processes serve the gateway (the main process is one of them)."""
+        if self.gateway_workers > 0:
+            return self.gateway_workers
+        return max(1, self.cores // CORES_PER_GATEWAY)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:

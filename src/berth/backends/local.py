@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -26,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from berth.backends.base import ReplicaExit, ReplicaHandle, ReplicaSpec
+from berth.process import child_setup
 
 THREAD_ENV_DEFAULTS = {
     # One GIL-bound replica per core: native thread pools inside it only fight each other.
@@ -34,7 +33,6 @@ THREAD_ENV_DEFAULTS = {
     "MKL_NUM_THREADS": "1",
 }
 LOG_TAIL_LINES = 30
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -92,7 +90,7 @@ class LocalBackend:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_child_setup(os.getpid(), memory_limit),
+                preexec_fn=child_setup(os.getpid(), memory_limit),
             )
         handle = ReplicaHandle(id=replica_id, address=f"unix:{socket_path}", pid=proc.pid)
         self._replicas[replica_id] = _LocalReplica(handle, spec, proc, socket_path, log_path)
@@ -193,21 +191,3 @@ def _wait_dead(proc: psutil.Process, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise psutil.TimeoutExpired(timeout, proc.pid)
         time.sleep(0.02)
-
-
-def _child_setup(parent_pid: int, memory_limit_bytes: int):  # type: ignore[no-untyped-def]
-    """Runs in the child between fork and exec: die with the parent, cap the address space."""
-
-    # Load libc here, in the parent: importing between fork and exec can deadlock.
-    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-    def setup() -> None:
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent_pid:  # the parent died before prctl took effect
-                os._exit(1)
-        if memory_limit_bytes > 0:
-            with contextlib.suppress(ValueError, OSError):
-                resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
-
-    return setup

@@ -17,7 +17,19 @@ from berth.errors import BerthError, DeadlineExceeded, ResourceDoesNotExist, Tem
 from berth.gateway.auth import TokenAuthority
 from berth.gateway.routing import EntityRoute, RoutingTable, choose_entity, choose_replica
 from berth.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
-from berth.http import JSON, ASGIApp, Receive, Scope, Send, error_body, header, read_body, send_error, send_response
+from berth.http import (
+    JSON,
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    error_body,
+    header,
+    read_body,
+    send_error,
+    send_response,
+)
 from berth.observability.metrics import Metrics
 
 INVOCATIONS_PREFIX = "/serving-endpoints/"
@@ -29,9 +41,11 @@ _NOT_FOUND = b'{"error_code":"NOT_FOUND","message":"Not found"}'
 class Gateway:
     """Holds the routing table and a connection pool per ready replica."""
 
-    def __init__(self, auth: TokenAuthority, metrics: Metrics, *, request_timeout_s: float) -> None:
+    def __init__(self, auth: TokenAuthority, metrics: Metrics, *, request_timeout_s: float, name: str = "0") -> None:
         self.auth = auth
         self.metrics = metrics
+        self.name = name  # which of the host's gateway processes this is (the x-berth-gateway header)
+        self.name_header = (b"x-berth-gateway", name.encode())
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[str, Any] = {}
         self.request_timeout_s = request_timeout_s
@@ -74,9 +88,11 @@ class Gateway:
                 outcome = await self._forward(choice, body, header(scope, b"content-type") or b"")
         if isinstance(outcome, BerthError):
             status, payload, headers = error_body(outcome)
+            headers.append(self.name_header)
         else:
             status, payload = outcome.status, outcome.body
-            headers = [(b"content-type", outcome.content_type), (b"served-model-name", entity.encode())]
+            headers = [(b"content-type", outcome.content_type), (b"served-model-name", entity.encode()),
+                       self.name_header]
         await send_response(send, status, payload, headers)
         self._record(name, entity, status, read_at, outcome)
 
@@ -149,7 +165,7 @@ class RootApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if path in ("/ping", "/health"):
-            await send_response(send, 200, b"\n", _HEALTH_HEADERS)
+            await send_response(send, 200, b"\n", [*_HEALTH_HEADERS, self.gateway.name_header])
             return
         if path == "/.well-known/databricks-config":
             await send_response(send, 404, _NOT_FOUND, _HEALTH_HEADERS)
@@ -168,7 +184,19 @@ class RootApp:
             if "/" not in name and name and scope["method"] == "POST":
                 await self.gateway.invoke(name, scope, receive, send)
                 return
-        await self.control(scope, receive, send)
+        await self.control(scope, receive, self._naming(send))
+
+    def _naming(self, send: Send) -> Send:
+        """`send` with this gateway process's name on the response (control-plane answers too)."""
+        name = self.gateway.name_header
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != name[0]]
+                message = {**message, "headers": [*headers, name]}
+            await send(message)
+
+        return named
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

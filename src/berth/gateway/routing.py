@@ -11,6 +11,7 @@ import enum
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from berth.errors import BerthError, InvalidState, TemporarilyUnavailable
 
@@ -49,6 +50,33 @@ class EndpointRoute:
 @dataclass(frozen=True)
 class RoutingTable:
     endpoints: Mapping[str, EndpointRoute] = field(default_factory=dict)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """Plain JSON (what the gateway's other processes receive)."""
+        return [
+            {
+                "name": ep.name,
+                "creating": ep.creating,
+                "entities": [
+                    {"name": e.name, "percentage": e.percentage, "status": e.status.value,
+                     "replicas": [list(r) for r in e.replicas], "message": e.message}
+                    for e in ep.entities
+                ],
+            }
+            for ep in self.endpoints.values()
+        ]
+
+    @classmethod
+    def from_json(cls, data: list[dict[str, Any]]) -> RoutingTable:
+        endpoints = {}
+        for ep in data:
+            entities = tuple(
+                EntityRoute(e["name"], e["percentage"], EntityStatus(e["status"]),
+                            tuple((rid, address) for rid, address in e["replicas"]), e["message"])
+                for e in ep["entities"]
+            )
+            endpoints[ep["name"]] = EndpointRoute(ep["name"], entities, ep["creating"])
+        return cls(endpoints)
 
 
 def choose_entity(route: EndpointRoute, draw: float) -> EntityRoute | BerthError:

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 
 import httptools
 
+# Headers that describe one connection, not the request: never forwarded.
+_HOP_BY_HOP = frozenset(
+    {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade", b"te",
+     b"proxy-connection", b"expect"}
+)
+
 
 class UpstreamError(Exception):
     """The replica could not be reached, or the connection broke before a full response."""
@@ -30,11 +36,13 @@ class UpstreamResponse:
     body: bytes
     sent_at: float  # perf_counter() when the request was handed to the socket
     received_at: float  # perf_counter() when the response's last byte was parsed
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # (lower-cased name, value); only from `exchange`
 
 
 class _Connection(asyncio.Protocol):
     __slots__ = (
-        "chunks", "closed", "content_type", "keep_alive", "parser", "sent_at", "timer", "transport", "waiter"
+        "chunks", "closed", "content_type", "headers", "keep_alive", "parser", "sent_at", "timer", "transport",
+        "waiter",
     )
 
     def __init__(self) -> None:
@@ -47,6 +55,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
         self.sent_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.headers: list[tuple[bytes, bytes]] | None = None  # every header, when the caller asks for them
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,6 +80,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() == b"content-type":
             self.content_type = value
+        if self.headers is not None:
+            self.headers.append((name.lower(), value))
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -83,7 +94,8 @@ class _Connection(asyncio.Protocol):
             body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
             waiter.set_result(
                 UpstreamResponse(
-                    self.parser.get_status_code(), self.content_type, body, self.sent_at, time.perf_counter()
+                    self.parser.get_status_code(), self.content_type, body, self.sent_at, time.perf_counter(),
+                    tuple(self.headers) if self.headers is not None else (),
                 )
             )
 
@@ -110,10 +122,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def send(self, data: bytes, timeout_s: float) -> asyncio.Future[UpstreamResponse]:
+    def send(self, data: bytes, timeout_s: float, all_headers: bool = False) -> asyncio.Future[UpstreamResponse]:
         """Write one request; the future gets its response, an `UpstreamError`, or `TimeoutError`."""
         assert self.transport is not None
         self.chunks = []
+        self.headers = [] if all_headers else None
         self.content_type = b"application/json"
         loop = asyncio.get_running_loop()
         self.waiter = loop.create_future()
@@ -172,13 +185,27 @@ class Upstream:
                 content_type, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n",
             )
         )
+        return await self._roundtrip(head + body, timeout_s, all_headers=False)
+
+    async def exchange(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, timeout_s: float
+    ) -> UpstreamResponse:
+        """Any request, with its headers (hop-by-hop ones dropped); the response carries all of its own."""
+        lines = [method, b" ", target, b" HTTP/1.1\r\nHost: upstream\r\n"]
+        for name, value in headers:
+            if name.lower() not in _HOP_BY_HOP:
+                lines += [name, b": ", value, b"\r\n"]
+        lines += [b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body]
+        return await self._roundtrip(b"".join(lines), timeout_s, all_headers=True)
+
+    async def _roundtrip(self, data: bytes, timeout_s: float, *, all_headers: bool) -> UpstreamResponse:
         self.outstanding += 1
         try:
             conn = self._take_idle()
             if conn is None:
                 conn = await self._connect()
             try:
-                response = await conn.send(head + body, timeout_s)
+                response = await conn.send(data, timeout_s, all_headers)
             except asyncio.CancelledError:
                 conn.abandon()  # its answer would come on a connection nobody reads
                 raise

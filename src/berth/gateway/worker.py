@@ -1,0 +1,109 @@
+"""A gateway worker process: `python -m berth.gateway.worker --index N --host H --port P ...`.
+
+It binds the public port beside the main process (SO_REUSEPORT), serves invocations from the routing
+table the main process feeds it, forwards every other request to the main process, and writes its
+metrics to the shared directory. It exits when the main process goes (its feed closes) or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import sys
+from pathlib import Path
+
+import orjson
+import uvicorn
+
+from berth.gateway.app import Gateway, RootApp
+from berth.gateway.auth import TokenAuthority
+from berth.gateway.forward import ControlForwarder
+from berth.gateway.hub import listening_socket
+from berth.gateway.routing import RoutingTable
+from berth.observability.metrics import Metrics
+
+
+class Feed:
+    """The worker's end of the hub's feed: applies every state line to the gateway."""
+
+    def __init__(self, path: str, index: int, gateway: Gateway, server: uvicorn.Server) -> None:
+        self.path = path
+        self.index = index
+        self.gateway = gateway
+        self.server = server
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        reader, self.writer = await asyncio.open_unix_connection(self.path, limit=1 << 26)
+        self.writer.write(f"worker {self.index}\n".encode())
+        self.apply(await reader.readline())
+        self.task = asyncio.get_running_loop().create_task(self._follow(reader))
+
+    def announce_ready(self) -> None:
+        if self.writer is not None:
+            self.writer.write(b"ready\n")
+
+    def apply(self, line: bytes) -> None:
+        state = orjson.loads(line)
+        self.gateway.auth.replace(state["tokens"])
+        self.gateway.set_routes(RoutingTable.from_json(state["routes"]))
+
+    async def _follow(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            self.apply(line)
+        self.server.should_exit = True  # the main process is gone
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="berth.gateway.worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--feed", required=True)
+    parser.add_argument("--control", required=True)
+    parser.add_argument("--metrics-dir", type=Path, required=True)
+    parser.add_argument("--request-timeout", type=float, required=True)
+    args = parser.parse_args(argv)
+
+    gateway = Gateway(TokenAuthority(), Metrics(shared_dir=args.metrics_dir), request_timeout_s=args.request_timeout,
+                      name=str(args.index))
+    control = ControlForwarder(args.control, timeout_s=args.request_timeout)
+    feed: Feed | None = None
+
+    async def startup() -> None:
+        assert feed is not None
+        await feed.connect()
+        gc.freeze()
+        feed.announce_ready()  # the socket already listens: connections queue until uvicorn accepts them
+
+    async def shutdown() -> None:
+        if feed is not None:
+            feed.close()
+        gateway.close()
+        control.close()
+
+    app = RootApp(gateway, control, on_startup=startup, on_shutdown=shutdown)
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+                            log_level="warning", timeout_keep_alive=75, proxy_headers=False)
+    server = uvicorn.Server(config)
+    feed = Feed(args.feed, args.index, gateway, server)
+    sock = listening_socket(args.host, args.port, reuse_port=True)
+
+    import uvloop
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(server.serve(sockets=[sock]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

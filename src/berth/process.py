@@ -1,0 +1,31 @@
+"""What every child process of the server gets between fork and exec: it dies with the server."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+import sys
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def child_setup(parent_pid: int, memory_limit_bytes: int = 0) -> Callable[[], None]:
+    """Runs in the child between fork and exec: die with the parent, cap the address space."""
+
+    # Load libc here, in the parent: importing between fork and exec can deadlock.
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+    def setup() -> None:
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                os._exit(1)
+        if memory_limit_bytes > 0:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+
+    return setup
