@@ -190,6 +190,16 @@ class BerthServer:
                     raise BenchError(f"Berth endpoint {name} not ready after {timeout_s:.0f} s: {view}")
                 time.sleep(0.2)
 
+    def gateway_added_histogram(self) -> list[tuple[float, float]]:
+        """The buckets (upper bound s, cumulative count) of the gateway's own added-latency histogram."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with self._client() as client:
+            text = client.get("/metrics").text
+        families = [f for f in text_string_to_metric_families(text) if f.name == "berth_gateway_added_latency_seconds"]
+        buckets = [(float(s.labels["le"]), s.value) for f in families for s in f.samples if s.name.endswith("_bucket")]
+        return sorted(buckets)
+
     def target(self, name: str) -> Target:
         return Target(
             url=f"{self.url}/serving-endpoints/{name}/invocations",

@@ -127,6 +127,7 @@ class Run:
     rep: int
     phase: str  # "warmup" | "measure"
     result: WrkResult
+    gateway_added_ms: dict[str, float] | None = None  # p50/p99 from the gateway's own histogram (Berth only)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "result"} | {"result": self.result.to_dict()}
@@ -150,9 +151,13 @@ class CellSummary:
     errors: int
     status_429: int
     reps: int
+    gateway_added_p50_ms: float | None = None
+    gateway_added_p99_ms: float | None = None
 
     @classmethod
-    def of(cls, results: Sequence[WrkResult]) -> CellSummary:
+    def of(cls, runs: Sequence[Run]) -> CellSummary:
+        results = [r.result for r in runs]
+        added = [r.gateway_added_ms for r in runs if r.gateway_added_ms]
         return cls(
             rps=statistics.median(r.rps for r in results),
             p50_ms=statistics.median(r.p50_ms for r in results),
@@ -160,6 +165,8 @@ class CellSummary:
             errors=sum(r.errors for r in results),
             status_429=sum(r.status_429 for r in results),
             reps=len(results),
+            gateway_added_p50_ms=statistics.median(a["p50"] for a in added) if added else None,
+            gateway_added_p99_ms=statistics.median(a["p99"] for a in added) if added else None,
         )
 
 
@@ -195,13 +202,13 @@ class Report:
     rss: dict[str, Rss] = field(default_factory=dict)
     runtime_s: float = 0.0
 
-    def measured(self, subject: str, server: str, concurrency: int) -> list[WrkResult]:
-        return [r.result for r in self.runs
+    def measured(self, subject: str, server: str, concurrency: int) -> list[Run]:
+        return [r for r in self.runs
                 if (r.subject, r.server, r.concurrency, r.phase) == (subject, server, concurrency, "measure")]
 
     def summary(self, subject: str, server: str, concurrency: int) -> CellSummary | None:
-        results = self.measured(subject, server, concurrency)
-        return CellSummary.of(results) if results else None
+        runs = self.measured(subject, server, concurrency)
+        return CellSummary.of(runs) if runs else None
 
     def problems(self) -> list[str]:
         return [p for run in self.runs if (p := run.problem()) is not None]
@@ -279,6 +286,7 @@ class Subject:
     processes: Callable[[], list[psutil.Process]]
     expect: str = PREDICTIONS_MARKER
     predicts: bool = True  # answers are model predictions (checked from Python too)
+    gateway_histogram: Callable[[], Buckets] | None = None  # Berth: its gateway-added latency histogram
 
 
 def load(subject: Subject, body: bytes, concurrency: int, seconds: int) -> WrkResult:
@@ -297,12 +305,44 @@ def run_cell(report: Report, name: str, subject: Subject, body: bytes, concurren
     if cfg.warmup_s > 0:
         warm = load(subject, body, concurrency, cfg.warmup_s)
         report.runs.append(Run(name, subject.server, concurrency, rep, "warmup", warm))
+    before = subject.gateway_histogram() if subject.gateway_histogram else None
     result = load(subject, body, concurrency, cfg.duration_s)
-    report.runs.append(Run(name, subject.server, concurrency, rep, "measure", result))
+    added = None
+    if before is not None and subject.gateway_histogram is not None:
+        delta = histogram_delta(before, subject.gateway_histogram())
+        added = {"p50": histogram_quantile(delta, 0.50) * 1e3, "p99": histogram_quantile(delta, 0.99) * 1e3}
+    report.runs.append(Run(name, subject.server, concurrency, rep, "measure", result, added))
     log(f"  {name:>5} {subject.server:<7} c={concurrency:<3} rep {rep}: {result.rps:9.1f} rps  "
         f"p50 {result.p50_ms:8.2f} ms  p99 {result.p99_ms:8.2f} ms  errors {result.errors}"
-        + (f"  (429: {result.status_429})" if result.status_429 else ""))
+        + (f"  (429: {result.status_429})" if result.status_429 else "")
+        + (f"  gateway-added p50 {added['p50']:.3f} / p99 {added['p99']:.3f} ms" if added else ""))
     return result
+
+
+Buckets = list[tuple[float, float]]  # (upper bound in seconds, cumulative count), ascending, +Inf last
+
+
+def histogram_delta(before: Buckets, after: Buckets) -> Buckets:
+    """The observations made between two scrapes of one cumulative histogram."""
+    old = dict(before)
+    return [(le, count - old.get(le, 0.0)) for le, count in after]
+
+
+def histogram_quantile(buckets: Buckets, q: float) -> float:
+    """Prometheus' `histogram_quantile`: linear within the bucket holding the q-th observation."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return 0.0
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower_bound  # beyond the largest finite bound: report that bound
+            span = count - lower_count
+            return lower_bound + (le - lower_bound) * ((rank - lower_count) / span if span else 1.0)
+        lower_bound, lower_count = le, count
+    return lower_bound
 
 
 def run_benchmark(cfg: Config, workdir: Path, stack: ExitStack) -> Report:
@@ -332,7 +372,8 @@ def run_benchmark(cfg: Config, workdir: Path, stack: ExitStack) -> Report:
 
     subjects: dict[str, dict[str, Subject]] = {
         name: {
-            "berth": Subject("berth", berth.target(endpoints[name]), berth.processes),
+            "berth": Subject("berth", berth.target(endpoints[name]), berth.processes,
+                             gateway_histogram=berth.gateway_added_histogram),
             "mlflow": Subject("mlflow", mlflow[name].target(), mlflow[name].processes),
         }
         for name in cfg.models
@@ -399,6 +440,11 @@ def format_report(report: Report) -> str:
             ratio = report.ratio(model, concurrency)
             if ratio is not None:
                 lines.append(f"berth ÷ mlflow  {model} c={concurrency}: rps ×{ratio.rps:.2f}  p50 ×{ratio.p50:.2f}")
+        for concurrency in cfg.concurrencies:
+            s = report.summary(model, "berth", concurrency)
+            if s is not None and s.gateway_added_p50_ms is not None:
+                lines.append(f"gateway-added latency (its own histogram) {model} c={concurrency}: "
+                             f"p50 {s.gateway_added_p50_ms:.3f} ms  p99 {s.gateway_added_p99_ms:.3f} ms")
     hello = report.summary("hello", "uvicorn", cfg.hello_concurrency)
     lines.append("")
     if hello is not None:

@@ -36,6 +36,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     for model in ("lr", "rf"):
         assert f"berth ÷ mlflow  {model} c=8: rps ×" in stdout, context
     assert "hello-world ceiling" in stdout, context
+    assert "gateway-added latency (its own histogram) lr c=8: p50" in stdout, context
     assert "RSS berth gateway" in stdout, context
     assert "RSS berth replicas lr" in stdout, context
     assert "RSS mlflow rf" in stdout, context
@@ -47,4 +48,35 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
             cell = saved["summary"][model][server]["8"]
             assert cell["rps"] > 0, cell
             assert (cell["errors"], cell["status_429"]) == (0, 0), cell
+        assert saved["summary"][model]["berth"]["8"]["gateway_added_p50_ms"] > 0
     assert saved["hello"]["rps"] > 0
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None,
+                    reason="wrk is not installed (./scripts/setup test installs it where apt-get is usable)")
+def test_http_servers_benchmark_smoke(tmp_path: Path) -> None:
+    json_out = tmp_path / "http.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.http_servers", "--smoke", "--json-out", str(json_out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    context = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, context
+    rows = json.loads(json_out.read_text())["summary"]
+    servers = {(r["hop"], r["server"]) for r in rows}
+    assert ("replica", "berth replica server (httptools protocol)") in servers, context
+    assert ("replica", "uvicorn raw ASGI") in servers, context
+    assert ("gateway", "uvicorn raw ASGI proxy") in servers, context
+    assert all(r["rps"] > 0 and r["errors"] == 0 and r["cpu_ms_per_request"] > 0 for r in rows), rows
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    from bench.serving import histogram_delta, histogram_quantile
+
+    inf = float("inf")
+    before = [(0.001, 10.0), (0.002, 10.0), (0.004, 10.0), (inf, 10.0)]
+    after = [(0.001, 60.0), (0.002, 100.0), (0.004, 109.0), (inf, 110.0)]  # 50, 40, 9 and 1 new observations
+    delta = histogram_delta(before, after)
+    assert delta == [(0.001, 50.0), (0.002, 90.0), (0.004, 99.0), (inf, 100.0)]
+    assert histogram_quantile(delta, 0.5) == 0.001
+    assert abs(histogram_quantile(delta, 0.7) - 0.0015) < 1e-12
+    assert histogram_quantile(delta, 0.995) == 0.004  # in the +Inf bucket: the largest finite bound
+    assert histogram_quantile([(0.001, 0.0), (inf, 0.0)], 0.5) == 0.0

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from http import HTTPStatus
+from typing import Protocol
 
 import httptools
 import orjson
@@ -129,6 +130,9 @@ class ReplicaApp:
         self.batcher = Batcher(scorer, max_batch=max_concurrency)
         self.requests = 0
         self.in_flight = 0
+
+    def close(self) -> None:
+        self.batcher.executor.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict[str, object]:
         return {
@@ -264,10 +268,19 @@ def _response(status: int, content_type: bytes, body: bytes, keep_alive: bool, h
     ))
 
 
+class App(Protocol):
+    """What the server serves: `ReplicaApp`, or a stub in `bench/http_servers.py`."""
+
+    def handle(self, method: bytes, path: bytes, content_type: bytes, body: bytes,
+               answer: Callable[[int, bytes, bytes], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ReplicaServer:
     """Serves a `ReplicaApp` until SIGTERM/SIGINT, then finishes the requests it holds and returns."""
 
-    def __init__(self, app: ReplicaApp, *, uds: str | None = None, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, app: App, *, uds: str | None = None, host: str = "127.0.0.1", port: int = 0,
                  drain_timeout_s: float = 60.0) -> None:
         self.app = app
         self.uds = uds
@@ -305,4 +318,4 @@ class ReplicaServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
-        self.app.batcher.executor.shutdown(wait=False, cancel_futures=True)
+        self.app.close()
