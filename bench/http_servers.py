@@ -33,9 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench.procs import REPO, BenchError, _tree, clean_env, cpu_seconds, free_port
+from bench.procs import REPO, BenchError, PortServer, clean_env, cpu_seconds
 from bench.wrk import WrkError, WrkRequest, run_wrk, wrk_binary
 
 BODY = b'{"predictions": [0.125]}'
@@ -134,67 +132,42 @@ def granian_installed() -> bool:
 
 
 @dataclass
-class Candidate:
-    hop: str
-    name: str
-    command: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = 0
+class Candidate(PortServer):
+    """One server under comparison, started on a free port by `bench.procs.PortServer`."""
 
-    def start(self, workdir: Path) -> None:
-        self.port = free_port()
-        cmd = [part.replace("{port}", str(self.port)) for part in self.command]
-        with open(workdir / f"{self.hop}-{self.name.split()[0]}.log", "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir,
-                                         env=clean_env(PYTHONPATH=f"{workdir}{os.pathsep}{REPO / 'src'}", **self.env),
-                                         start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.name} exited with {self.proc.returncode}")
-            try:
-                if httpx.post(self.url, content=REQUEST, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name} did not start")
-            time.sleep(0.05)
+    hop: str = ""
+    argv: list[str] = field(default_factory=list)  # "{port}" is replaced by the port
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def command(self) -> list[str]:
+        return [part.replace("{port}", str(self.port)) for part in self.argv]
+
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": f"{self.workdir}{os.pathsep}{REPO / 'src'}", **self.extra_env}
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/invocations"
+    def invocations(self) -> str:
+        return f"{self.url}/invocations"
 
     def cpu(self) -> float:
-        return cpu_seconds(_tree(self.proc.pid)) if self.proc is not None else 0.0
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        return cpu_seconds(self.processes())
 
 
-def candidates(upstream_socket: str) -> list[Candidate]:
+def candidates(workdir: Path, upstream_socket: str) -> list[Candidate]:
     uvicorn = [sys.executable, "-m", "uvicorn", "--port", "{port}", "--loop", "uvloop", "--http", "httptools",
                "--workers", "1", "--no-access-log", "--no-proxy-headers", "--log-level", "warning"]
+    upstream = {"UPSTREAM": f"unix:{upstream_socket}"}
     found = [
-        Candidate("replica", "berth replica server (httptools protocol)",
-                  [sys.executable, "stub_replica.py", "tcp", "{port}"]),
-        Candidate("replica", "uvicorn raw ASGI", [*uvicorn, "apps:hello"]),
-        Candidate("gateway", "uvicorn raw ASGI proxy", [*uvicorn, "apps:proxy"],
-                  {"UPSTREAM": f"unix:{upstream_socket}"}),
+        Candidate("berth replica server (httptools protocol)", workdir, hop="replica",
+                  argv=[sys.executable, str(workdir / "stub_replica.py"), "tcp", "{port}"]),
+        Candidate("uvicorn raw ASGI", workdir, hop="replica", argv=[*uvicorn, "apps:hello"]),
+        Candidate("uvicorn raw ASGI proxy", workdir, hop="gateway", argv=[*uvicorn, "apps:proxy"], extra_env=upstream),
     ]
     if granian_installed():
         found.append(Candidate(
-            "gateway", "granian RSGI proxy",
-            [sys.executable, "-m", "granian", "--interface", "rsgi", "--port", "{port}", "--workers", "1",
-             "--loop", "uvloop", "--no-ws", "--log-level", "warning", "apps:proxy_rsgi"],
-            {"UPSTREAM": f"unix:{upstream_socket}"},
+            "granian RSGI proxy", workdir, hop="gateway", extra_env=upstream,
+            argv=[sys.executable, "-m", "granian", "--interface", "rsgi", "--port", "{port}", "--workers", "1",
+                  "--loop", "uvloop", "--no-ws", "--log-level", "warning", "apps:proxy_rsgi"],
         ))
     return found
 
@@ -228,13 +201,15 @@ def measure(cfg: Config, workdir: Path) -> list[Run]:
             if upstream.poll() is not None or time.monotonic() > deadline:
                 raise BenchError("the upstream stub replica did not start")
             time.sleep(0.05)
-        servers = candidates(upstream_socket)
+        servers = candidates(workdir, upstream_socket)
         for c in cfg.concurrencies:
             for rep in range(1, cfg.reps + 1):
                 for cand in servers:  # A B A B: one server under load at a time
-                    cand.start(workdir)
+                    cand.attempts = 0
+                    cand.start()
                     try:
-                        request = WrkRequest(url=cand.url, method="POST", body=REQUEST,
+                        cand.wait_ready(timeout_s=30)
+                        request = WrkRequest(url=cand.invocations, method="POST", body=REQUEST,
                                              headers=(("Content-Type", "application/json"),), expect_in_body=None)
                         if cfg.warmup_s:
                             run_wrk(request, connections=c, duration_s=cfg.warmup_s)

@@ -269,13 +269,17 @@ class PortServer(ABC):
     def ready_path(self) -> str:
         return "/"
 
+    def env(self) -> dict[str, str]:
+        """Extra environment for the server."""
+        return {}
+
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.attempts += 1
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
-                                         cwd=REPO, start_new_session=True)
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         env=clean_env(**self.env()), cwd=REPO, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s

@@ -226,6 +226,7 @@ def test_nothing_listening_is_a_clear_error() -> None:
 @pytest.mark.skipif(nginx_binary() is None,
                     reason="nginx is not installed and could not be: ./scripts/setup test installs it with "
                            "apt-get (as root or with passwordless sudo); install nginx-light or nginx to run this")
+@pytest.mark.slow
 def test_loadtest_ceiling_smoke(tmp_path: Path) -> None:
     out = tmp_path / "ceiling.json"
     # The ×2 requirement is the benchmark's own verdict; the smoke run checks the harness, not speed.

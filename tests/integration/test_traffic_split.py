@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import ServerProcess
 from tests.integration.replica_tools import replicas_of
@@ -74,6 +75,7 @@ def check_answers(results: list[tuple[int, str, Any]], pid_entity: dict[int, str
     return Counter(served for _, served, _ in results)
 
 
+@pytest.mark.slow
 def test_traffic_split_50_30_20_and_zero(
     shared_server: ServerProcess, model_zoo: Callable[..., Path], unique_name: str
 ) -> None:
