@@ -130,6 +130,15 @@ def test_malformed_http_gets_400_and_the_connection_closes(replica: ReplicaProce
             == {"predictions": [2.0]}
 
 
+def test_a_malformed_request_after_a_good_one_is_refused_after_the_good_ones_answer(replica: ReplicaProcess) -> None:
+    with connect(replica) as sock:
+        sock.sendall(request() + b"THIS IS NOT HTTP\r\n\r\n")
+        answers, closed = Responses().read(sock, 2)
+    assert [status for status, _, _ in answers] == [200, 400]
+    assert json.loads(answers[0][2]) == {"predictions": [2.0]}
+    assert closed
+
+
 def test_sigterm_answers_what_it_holds_then_exits(model_zoo, tmp_path) -> None:  # type: ignore[no-untyped-def]
     replica = ReplicaProcess(model_zoo("sleep_model", seconds=1.0), tmp_path, max_concurrency=4)
     try:

@@ -192,6 +192,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._content_type = b""
         self._body: list[bytes] = []
+        self._refused = False  # a malformed request came: nothing after it is read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -202,17 +203,20 @@ class _Connection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse()
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._refuse()
 
     def _refuse(self) -> None:
-        if self.transport is not None:
-            self.transport.write(_response(400, JSON, BAD_REQUEST, keep_alive=False))
-            self.transport.close()
+        """Answer 400 after the answers still owed on this connection, then close it."""
+        self._refused = True
+        slot = _Slot(keep_alive=False)
+        slot.data = _response(400, JSON, BAD_REQUEST, keep_alive=False)
+        self.slots.append(slot)
+        self._flush()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
