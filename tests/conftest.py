@@ -122,6 +122,9 @@ def start_server(
     env.update(
         BERTH_CONFIG_DIR=str(config_dir),
         BERTH_CRASH_BACKOFF_S="0.2",
+        # No standby kept without demand: on 2 cores, one per test server would cost ~2 s of CPU each.
+        # The warm pool's own tests (test_instant_replicas.py) set it.
+        BERTH_WARM_POOL_MIN="0",
         PYTHONUNBUFFERED="1",
     )
     if admin_token:

@@ -19,6 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from berth.backends.local import LocalBackend
+from berth.backends.warmpool import PoolPolicy
 from berth.client.credentials import Credentials, read_credentials, write_credentials
 from berth.control.api import build_control_app
 from berth.control.reconciler import CrashPolicy, Reconciler
@@ -47,18 +48,28 @@ class Platform:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.resolved_store_url)
-        self.backend = LocalBackend(settings.data_dir / "logs" / "replicas")
+        self.backend = LocalBackend(
+            settings.data_dir / "logs" / "replicas",
+            fork=settings.replica_fork,
+            pool=PoolPolicy(floor=settings.warm_pool_min, memory_cap_mb=settings.warm_pool_memory_mb,
+                            window_s=settings.warm_pool_window_s),
+            memory_limit_mb=settings.replica_memory_limit_mb,
+        )
         self.auth = TokenAuthority(self.store.token_hashes())
         self.hub: GatewayHub | None = None
         shared_metrics: Path | None = None
         if settings.gateway_processes > 1:
             run_dir = Path(tempfile.mkdtemp(prefix="berth-gw-"))  # short: it holds Unix sockets
             self.hub = GatewayHub(settings.gateway_processes, run_dir, request_timeout_s=settings.request_timeout_s,
-                                  log_dir=settings.data_dir / "logs" / "gateway")
+                                  hold_timeout_s=settings.hold_timeout_s,
+                                  log_dir=settings.data_dir / "logs" / "gateway",
+                                  on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
             shared_metrics = self.hub.metrics_dir
             shared_metrics.mkdir()
         self.metrics = Metrics(shared_dir=shared_metrics)
-        self.gateway = Gateway(self.auth, self.metrics, request_timeout_s=settings.request_timeout_s)
+        self.gateway = Gateway(self.auth, self.metrics, request_timeout_s=settings.request_timeout_s,
+                               hold_timeout_s=settings.hold_timeout_s,
+                               on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
         self.reconciler = Reconciler(
             self.backend,
             self.store,
@@ -72,6 +83,8 @@ class Platform:
             start_timeout_s=settings.replica_start_timeout_s,
             on_routes=self._set_routes,
             on_persist=lambda ep: self.service.persist(ep),
+            settle_s=settings.drain_settle_s,
+            scale_to_zero_idle_s=settings.scale_to_zero_idle_s,
         )
         self.service = EndpointService(self.store, self.reconciler, cores=settings.cores)
         self.app = RootApp(
@@ -115,6 +128,7 @@ class Platform:
             log.warning("killed %d replica(s) left by a previous run: %s", len(killed), killed)
         for record in records:
             self.store.remove_replica(record.id)
+        self.backend.activate()
         self.service.load()
         self.reconciler.start()
         # Everything imported and built so far lives as long as the server: keep it out of the

@@ -51,6 +51,17 @@ class Settings:
     stable_after_s: float = DEFAULT_STABLE_AFTER_S
     cores: int = field(default_factory=host_cores)
     gateway_workers: int = 0  # gateway processes on this host; 0: one per CORES_PER_GATEWAY cores
+    # Instant replicas (berth.backends.local): fork from a loaded template, else take a warm-pool standby.
+    replica_fork: bool = True
+    warm_pool_min: int = 1  # standbys kept even without demand
+    warm_pool_memory_mb: int = 1024  # the standbys' total RSS stays under this
+    warm_pool_window_s: float = 300.0  # demand is remembered this long
+    # A request to an entity with no ready replica (starting, restarting, at zero) waits this long for one.
+    hold_timeout_s: float = 60.0
+    # An endpoint with scale_to_zero_enabled stops its replicas after this long without a request.
+    scale_to_zero_idle_s: float = 1800.0
+    # A replica leaves the routing table this long before it is sent SIGTERM (all gateways stop using it).
+    drain_settle_s: float = 1.0
 
     @property
     def gateway_processes(self) -> int:
@@ -84,6 +95,10 @@ class Settings:
 
 def _convert(type_name: Any, raw: str) -> Any:
     t = str(type_name)
+    if t == "bool":
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"not a boolean: {raw!r}")
+        return raw.lower() in ("1", "true", "yes", "on")
     if t.startswith("int"):
         return int(raw)
     if t.startswith("float"):

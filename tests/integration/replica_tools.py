@@ -46,12 +46,16 @@ def alive(pid: int) -> bool:
 
 
 def replicas_of(server: ServerProcess) -> list[ReplicaProc]:
-    """Live replica processes under the server process (cmdline contains `berth.replica`)."""
+    """Live replica processes under the server process (cmdline contains `berth.replica` and
+    `--replica-id`: templates and warm-pool standbys are not replicas)."""
     out = []
     for child in psutil.Process(server.proc.pid).children(recursive=True):
         try:
-            cmdline = child.cmdline()
-            if "berth.replica" not in cmdline or child.status() == psutil.STATUS_ZOMBIE:
+            # A forked or warm-pool replica names itself (setproctitle): one string, space-separated.
+            cmdline = " ".join(child.cmdline()).split()
+            if "berth.replica" not in cmdline or "--replica-id" not in cmdline:
+                continue  # not a replica, or a template or standby
+            if child.status() == psutil.STATUS_ZOMBIE:
                 continue
             ppid = child.ppid()
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -174,3 +178,17 @@ class ReplicaProcess:
             self.proc.wait(10)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
+
+
+def metric_samples(server: ServerProcess, name: str, **labels: str) -> list[float]:
+    """Values of the samples called `name` whose labels include `labels`, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = server.client.get("/metrics")
+    assert response.status_code == 200, response.text
+    return [
+        s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]

@@ -23,6 +23,9 @@ class FakeBackend:
         self.exits: dict[str, ReplicaExit] = {}
         self.stopped: list[str] = []
         self.auto_ready = True
+        self.served: dict[str, int] = {}  # requests each replica reports in /stats
+        self.configured: list[tuple[str, int]] = []
+        self.released: list[str] = []
 
     async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
         rid = f"r{len(self.started)}"
@@ -39,6 +42,16 @@ class FakeBackend:
 
     async def stop(self, replica_id: str, grace_s: float = 10.0) -> None:
         self.stopped.append(replica_id)
+
+    async def stats(self, replica_id: str) -> dict[str, int] | None:
+        return {"requests": self.served.get(replica_id, 0), "in_flight": 0, "queued": 0}
+
+    async def configure(self, replica_id: str, max_concurrency: int) -> bool:
+        self.configured.append((replica_id, max_concurrency))
+        return True
+
+    async def release(self, spec: ReplicaSpec) -> None:
+        self.released.append(spec.entity_name)
 
     def logs(self, replica_id: str, max_lines: int = 200) -> str:
         return f"log of {replica_id}"

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from berth.errors import InvalidState, TemporarilyUnavailable
-from berth.gateway.routing import EndpointRoute, EntityRoute, EntityStatus, choose_entity, choose_replica
+from berth.gateway.routing import EndpointRoute, EntityRoute, EntityStatus, choose_entity, choose_replica, failed
 
 LAST_DRAW = math.nextafter(100.0, 0.0)  # the largest draw random.random() * 100 can give
 
@@ -101,12 +101,21 @@ class TestChooseEntity:
         assert chosen(r, 10.0) == "ok"
         assert isinstance(choose_entity(r, 60.0), InvalidState)
 
-    def test_starting_entity_or_one_without_replicas_is_retryable(self) -> None:
-        r = route(entity("a", 50, EntityStatus.STARTING), EntityRoute("b", 50, EntityStatus.READY, ()))
-        for draw in (0.0, 75.0):
-            result = choose_entity(r, draw)
-            assert isinstance(result, TemporarilyUnavailable)
-            assert result.retry_after is not None
+    def test_entity_without_ready_replicas_is_still_chosen_for_the_gateway_to_hold(self) -> None:
+        # Starting, restarting or at zero: the gateway holds the request until a replica is ready.
+        r = route(entity("a", 50, EntityStatus.STARTING), EntityRoute("b", 50, EntityStatus.ZERO, ()))
+        assert chosen(r, 0.0) == "a"
+        assert chosen(r, 75.0) == "b"
+        result = choose_entity(r, 75.0)
+        assert isinstance(result, EntityRoute)
+        assert result.replicas == ()
+
+    def test_failed_answer_names_the_entity(self) -> None:
+        result = failed("ep", EntityRoute("b", 50, EntityStatus.FAILED, (), "boom"))
+        assert isinstance(result, InvalidState)
+        assert "'ep'" in str(result)
+        assert "'b'" in str(result)
+        assert "boom" in str(result)
 
 
 class TestChooseReplica:

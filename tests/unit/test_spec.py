@@ -370,14 +370,20 @@ class TestStoredForm:
             expected_min = 0 if stz else {"Small": 4, "Medium": 8, "Large": 16}[size]
         assert e.min_provisioned_concurrency == expected_min
 
-    def test_deployment_key_ignores_traffic_but_not_the_model_or_env(self) -> None:
+    def test_deployment_key_ignores_traffic_and_scaling_bounds_but_not_the_model_or_env(self) -> None:
         base = parse_config(one(name="a")).served_entities[0]
-        same = parse_config({**one(name="a"), "traffic_config": {"routes": [r("a", 100)]}}).served_entities[0]
-        assert base.deployment_key() == same.deployment_key()
+        for same_replicas in (
+            {"traffic_config": {"routes": [r("a", 100)]}},
+            {"served_entities": [{"entity_name": MODEL, "name": "a", "workload_size": "Large"}]},
+            {"served_entities": [{"entity_name": MODEL, "name": "a", "scale_to_zero_enabled": True}]},
+            {"served_entities": [{"entity_name": MODEL, "name": "a", "min_provisioned_concurrency": 8,
+                                  "max_provisioned_concurrency": 32}]},
+        ):
+            same = parse_config({**one(name="a"), **same_replicas}).served_entities[0]
+            assert base.deployment_key() == same.deployment_key(), same_replicas
         for change in (
             {"environment_vars": {"X": "1"}},
             {"entity_version": "2"},
-            {"workload_size": "Large"},
             {"entity_name": "/models/other"},
         ):
             other = parse_config({"served_entities": [{"entity_name": MODEL, "name": "a", **change}]})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # Exit code a replica uses when its model cannot be loaded: deterministic, so never retried.
 EXIT_MODEL_LOAD_FAILED = 3
@@ -61,12 +61,24 @@ class Backend(Protocol):
         """True once the replica answers its health check."""
         ...
 
+    async def stats(self, replica_id: str) -> dict[str, Any] | None:
+        """The replica's own counters (`requests`, `in_flight`, ...), or None if it does not answer."""
+        ...
+
+    async def configure(self, replica_id: str, max_concurrency: int) -> bool:
+        """Change how many requests a running replica admits at once; False if it did not take it."""
+        ...
+
     def exited(self, replica_id: str) -> ReplicaExit | None:
         """The replica's exit, or None while it runs."""
         ...
 
     async def stop(self, replica_id: str, grace_s: float = 10.0) -> None:
         """Stop a replica: terminate, then kill after the grace period."""
+        ...
+
+    async def release(self, spec: ReplicaSpec) -> None:
+        """The entity `spec` belongs to is gone: drop what the backend kept for it (a template)."""
         ...
 
     def logs(self, replica_id: str, max_lines: int = 200) -> str:

@@ -1,14 +1,27 @@
-"""Local backend: each replica is a child process on this host, reached over a Unix socket.
+"""Local backend: each replica is a process on this host, reached over a Unix socket.
 
-Replicas die with the server (PR_SET_PDEATHSIG on Linux), run in their own session so a
-terminal's Ctrl-C reaches only the server (which then stops them in order), and carry an
-address-space limit (RLIMIT_AS) as their memory limit.
+A replica starts on the quickest path that is safe for its model (`berth.replica.launch`):
+
+1. **fork**: from its entity's template, a process holding the loaded model (`berth.replica.template`),
+   in milliseconds. The first replica of an entity starts the template (from the warm pool when it
+   has a standby) and is forked once the model is loaded. Linux only; a template that finds its
+   model fork-unsafe (CUDA, TensorFlow, threads started by the model's code) says so, and that
+   entity's replicas take the next path.
+2. **warm**: a standby from the warm pool (`berth.backends.warmpool`) loads the model.
+3. **fresh**: a new `python -m berth.replica` process imports everything and loads the model.
+
+Every replica is this server's child (forked ones are adopted: this process is a child subreaper),
+dies with it (PR_SET_PDEATHSIG), runs in its own session so a terminal's Ctrl-C reaches only the
+server (which then stops them in order), and carries an address-space limit (RLIMIT_AS) as its
+memory limit. Replica ids are new uuids, never reused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import shutil
 import signal
@@ -18,13 +31,20 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import orjson
 import psutil
 
 from berth.backends.base import ReplicaExit, ReplicaHandle, ReplicaSpec
+from berth.backends.procs import AsyncChannel, Child, become_subreaper, control_pair
+from berth.backends.warmpool import PoolPolicy, WarmPool
 from berth.process import child_setup
+from berth.replica.launch import THREAD_VARS, ReplicaArgs
+
+log = logging.getLogger("berth.backend")
 
 THREAD_ENV_DEFAULTS = {
     # One GIL-bound replica per core: native thread pools inside it only fight each other.
@@ -33,97 +53,145 @@ THREAD_ENV_DEFAULTS = {
     "MKL_NUM_THREADS": "1",
 }
 LOG_TAIL_LINES = 30
+DEFAULT_MEMORY_LIMIT_MB = 4096
+
+
+@dataclass
+class _Template:
+    key: tuple[Any, ...]
+    child: Child
+    channel: AsyncChannel
+    log_path: Path
+    state: str = "loading"  # loading | ready | unsafe | failed
+    reason: str = ""
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    forks: int = 0
 
 
 @dataclass
 class _LocalReplica:
     handle: ReplicaHandle
     spec: ReplicaSpec
-    proc: subprocess.Popen[bytes]
     socket_path: str
     log_path: Path
+    path: str  # how it started: fork | warm | fresh
+    child: Child | None = None  # None while it waits for its template
+    exit: ReplicaExit | None = None  # set when it ended before it had a process
+    pending: asyncio.Task[None] | None = None
+    forking: bool = False  # between the fork request and its answer: a stop waits for the answer
+    stopped: bool = False
+    requested_at: float = field(default_factory=time.perf_counter)
 
 
 class LocalBackend:
-    """Runs replicas as subprocesses of this server."""
+    """Runs replicas as processes of this server."""
 
-    def __init__(self, log_dir: Path, *, python: str | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        python: str | None = None,
+        fork: bool = True,
+        pool: PoolPolicy | None = None,
+        memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
+    ) -> None:
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.python = python or sys.executable
         # Unix socket paths are limited to ~107 bytes: keep them short, outside the data dir.
         self.socket_dir = tempfile.mkdtemp(prefix="berth-")
         self._replicas: dict[str, _LocalReplica] = {}
+        self._templates: dict[tuple[Any, ...], _Template] = {}
+        self._unsafe: dict[tuple[Any, ...], str] = {}  # models whose template said "do not fork me"
+        self.fork = fork and become_subreaper()
+        base_env = {**os.environ, **THREAD_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
+        self.pool = (
+            WarmPool(self.python, log_dir / "standby", pool, env=base_env,
+                     preexec=child_setup(os.getpid(), memory_limit_mb * 2**20))
+            if pool is not None else None
+        )
 
+    def activate(self) -> None:
+        """Start the warm pool's background refill (needs the running event loop)."""
+        if self.pool is not None:
+            self.pool.start()
+
+    # Backend
     async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
         replica_id = uuid.uuid4().hex[:12]
         socket_path = os.path.join(self.socket_dir, f"{replica_id}.sock")
-        log_path = self.log_dir / f"{replica_id}.log"
-        env = dict(os.environ)
-        for key, value in THREAD_ENV_DEFAULTS.items():
-            env.setdefault(key, value)
-        env.update(spec.environment_vars)
-        env["PYTHONUNBUFFERED"] = "1"
-        cmd = [
-            self.python,
-            "-m",
-            "berth.replica",
-            "--model-uri",
-            spec.model_uri,
-            "--socket",
-            socket_path,
-            "--replica-id",
-            replica_id,
-            "--name",
-            spec.entity_name,
-            "--max-concurrency",
-            str(spec.max_concurrency),
-        ]
-        memory_limit = spec.memory_limit_mb * 1024 * 1024
-        # Popen runs on the event loop's thread on purpose: PR_SET_PDEATHSIG fires when the thread
-        # that forked exits, so a worker thread would take the replica down with it.
-        with open(log_path, "ab") as log:  # noqa: ASYNC230
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=child_setup(os.getpid(), memory_limit),
-            )
-        handle = ReplicaHandle(id=replica_id, address=f"unix:{socket_path}", pid=proc.pid)
-        self._replicas[replica_id] = _LocalReplica(handle, spec, proc, socket_path, log_path)
-        return handle
+        address = f"unix:{socket_path}"
+        key = _template_key(spec)
+        if self.fork and key not in self._unsafe:
+            template = self._templates.get(key)
+            if template is None or template.state == "failed":
+                template = await self._start_template(spec, key)
+            handle = ReplicaHandle(id=replica_id, address=address)
+            replica = _LocalReplica(handle, spec, socket_path, self.log_dir / f"{replica_id}.log", "fork")
+            self._replicas[replica_id] = replica
+            replica.pending = asyncio.get_running_loop().create_task(self._fork_from(template, replica))
+            return handle
+        replica = _LocalReplica(ReplicaHandle(replica_id, address), spec, socket_path,
+                                self.log_dir / f"{replica_id}.log", "fresh")
+        self._replicas[replica_id] = replica
+        await self._start_process(replica)
+        return replica.handle
 
     async def is_ready(self, replica_id: str) -> bool:
         replica = self._replicas.get(replica_id)
-        if replica is None or replica.proc.poll() is not None:
+        if replica is None or replica.child is None or replica.child.poll() is not None:
             return False
         if not os.path.exists(replica.socket_path):  # noqa: ASYNC240 (a stat of a tmpfs path)
             return False
+        status, _ = await self.request(replica_id, "GET", "/ping")
+        return status == 200
+
+    async def request(self, replica_id: str, method: str, path: str, body: bytes = b"",
+                      timeout_s: float = 2.0) -> tuple[int, bytes]:
+        """One request to a replica's own server (health, stats, settings); (0, b"") if unreachable."""
+        replica = self._replicas.get(replica_id)
+        if replica is None:
+            return 0, b""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(replica.socket_path), timeout=1.0
-            )
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(replica.socket_path), timeout_s)
         except (OSError, TimeoutError):
-            return False
+            return 0, b""
         try:
-            writer.write(b"GET /ping HTTP/1.1\r\nHost: replica\r\nConnection: close\r\n\r\n")
-            status_line = await asyncio.wait_for(reader.readline(), timeout=2.0)
-            return status_line.startswith(b"HTTP/1.1 200")
+            head = (f"{method} {path} HTTP/1.1\r\nHost: replica\r\nConnection: close\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            writer.write(head.encode() + body)
+            raw = await asyncio.wait_for(reader.read(), timeout_s)
         except (OSError, TimeoutError):
-            return False
+            return 0, b""
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        try:
+            return int(head.split(b" ", 2)[1]), payload
+        except (IndexError, ValueError):
+            return 0, b""
+
+    async def stats(self, replica_id: str) -> dict[str, Any] | None:
+        status, payload = await self.request(replica_id, "GET", "/stats")
+        return orjson.loads(payload) if status == 200 else None
+
+    async def configure(self, replica_id: str, max_concurrency: int) -> bool:
+        body = orjson.dumps({"max_concurrency": max_concurrency})
+        status, _ = await self.request(replica_id, "POST", "/settings", body)
+        return status == 200
 
     def exited(self, replica_id: str) -> ReplicaExit | None:
         replica = self._replicas.get(replica_id)
         if replica is None:
             return ReplicaExit(returncode=-signal.SIGKILL, log_tail="")
-        code = replica.proc.poll()
+        if replica.exit is not None:
+            return replica.exit
+        if replica.child is None:
+            return None
+        code = replica.child.poll()
         if code is None:
             return None
         return ReplicaExit(returncode=code, log_tail=self.logs(replica_id, LOG_TAIL_LINES))
@@ -132,18 +200,22 @@ class LocalBackend:
         replica = self._replicas.pop(replica_id, None)
         if replica is None:
             return
-        proc = replica.proc
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), grace_s)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await asyncio.to_thread(proc.wait)
+        replica.stopped = True
+        if replica.pending is not None and not replica.pending.done():
+            if not replica.forking:
+                replica.pending.cancel()  # still waiting for its template: nothing to stop yet
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await replica.pending  # a fork in progress: finish it, then stop what it made
+        if replica.child is not None:
+            await replica.child.stop(grace_s)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(replica.socket_path)
+
+    async def release(self, spec: ReplicaSpec) -> None:
+        """The entity is gone: stop its template (its replicas are stopped separately)."""
+        template = self._templates.pop(_template_key(spec), None)
+        if template is not None:
+            await self._stop_template(template)
 
     def logs(self, replica_id: str, max_lines: int = 200) -> str:
         path = self.log_dir / f"{replica_id}.log"
@@ -154,6 +226,14 @@ class LocalBackend:
             return ""
         return b"".join(lines).decode("utf-8", errors="replace")
 
+    def path_of(self, replica_id: str) -> str | None:
+        """How a replica started (fork, warm or fresh): for metrics, tests and benchmarks."""
+        replica = self._replicas.get(replica_id)
+        return replica.path if replica is not None else None
+
+    def template_pids(self) -> dict[str, int]:
+        return {str(t.key[:2]): t.child.pid for t in self._templates.values() if t.child.poll() is None}
+
     def cleanup_orphans(self, records: list[tuple[str, int | None]]) -> list[str]:
         killed = []
         for replica_id, pid in records:
@@ -161,7 +241,7 @@ class LocalBackend:
                 continue
             try:
                 proc = psutil.Process(pid)
-                if f"--replica-id={replica_id}" in proc.cmdline() or replica_id in proc.cmdline():
+                if replica_id in " ".join(proc.cmdline()):
                     proc.kill()
                     _wait_dead(proc, timeout=10)
                     killed.append(replica_id)
@@ -171,11 +251,160 @@ class LocalBackend:
 
     def pids(self) -> dict[str, int]:
         """Process ids of running replicas (for tests and resource accounting only)."""
-        return {rid: r.proc.pid for rid, r in self._replicas.items() if r.proc.poll() is None}
+        return {rid: r.child.pid for rid, r in self._replicas.items() if r.child is not None and r.child.poll() is None}
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(rid, grace_s=5.0) for rid in list(self._replicas)))
+        templates, self._templates = list(self._templates.values()), {}
+        await asyncio.gather(*(self._stop_template(t) for t in templates))
+        if self.pool is not None:
+            await self.pool.close()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    # The fork path
+    async def _start_template(self, spec: ReplicaSpec, key: tuple[Any, ...]) -> _Template:
+        """A template for the spec's model, from a standby when the pool has one."""
+        log_path = self.log_dir / "templates" / f"{uuid.uuid4().hex[:12]}.log"
+        log_path.parent.mkdir(exist_ok=True)
+        user_env = {k: v for k, v in spec.environment_vars.items() if k not in THREAD_VARS}
+        thread_env = {var: spec.environment_vars.get(var, THREAD_ENV_DEFAULTS[var]) for var in THREAD_VARS}
+        memory_limit = spec.memory_limit_mb * 2**20
+        standby = self._take_standby()
+        if standby is not None:
+            await standby.channel.send(op="template", model_uri=spec.model_uri, name=spec.entity_name,
+                                       log=str(log_path), env=user_env, thread_env=thread_env,
+                                       memory_limit_bytes=memory_limit)
+            template = _Template(key, standby.child, standby.channel, log_path)
+            if (await standby.channel.recv()) is None:  # {"event": "assigned"}
+                template.state = "failed"
+        else:
+            ours, theirs = control_pair()
+            env = {**os.environ, **user_env, **THREAD_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
+            cmd = [self.python, "-m", "berth.replica", "--template", "--model-uri", spec.model_uri,
+                   "--name", spec.entity_name, "--control-fd", str(theirs.fileno()),
+                   "--thread-env", json.dumps(thread_env)]
+            try:
+                popen = self._popen(cmd, log_path, env, memory_limit, pass_fds=(theirs.fileno(),))
+            finally:
+                theirs.close()
+            template = _Template(key, Child(popen.pid, popen), await AsyncChannel.open(ours), log_path)
+        self._templates[key] = template
+        asyncio.get_running_loop().create_task(self._await_template(template))
+        return template
+
+    async def _await_template(self, template: _Template) -> None:
+        message = None if template.state == "failed" else await template.channel.recv()
+        if message is not None and message.get("event") == "template":
+            template.state = "ready" if message["fork_safe"] else "unsafe"
+            template.reason = message.get("reason", "")
+            if template.state == "unsafe":
+                self._unsafe[template.key] = template.reason
+                log.info("replicas of %s start without forking: %s", template.key[:2], template.reason)
+        else:
+            template.state = "failed"
+            await template.child.wait(10.0)
+        template.loaded.set()
+        if template.state != "ready":
+            if self._templates.get(template.key) is template:
+                del self._templates[template.key]
+            if template.state == "unsafe":
+                await self._stop_template(template)
+
+    async def _fork_from(self, template: _Template, replica: _LocalReplica) -> None:
+        await template.loaded.wait()
+        if replica.stopped:
+            return
+        if template.state == "failed":
+            code = template.child.poll()
+            replica.exit = ReplicaExit(returncode=code if code is not None else -signal.SIGKILL,
+                                       log_tail=_tail(template.log_path, LOG_TAIL_LINES))
+            return
+        if template.state == "ready":
+            # The replica's log starts with its template's: the model load is its build log too.
+            shutil.copyfile(template.log_path, replica.log_path)
+            args = ReplicaArgs(replica.handle.id, replica.spec.entity_name, replica.socket_path,
+                               replica.spec.max_concurrency, replica.spec.model_uri)
+            async with template.lock:
+                reply = None
+                if template.child.poll() is None and not replica.stopped:
+                    replica.forking = True
+                    try:
+                        await template.channel.send(op="fork", replica=args.to_json(), log=str(replica.log_path))
+                        reply = await template.channel.recv()
+                    finally:
+                        replica.forking = False
+            if replica.stopped and reply is None:
+                return
+            if reply is not None and "pid" in reply:
+                template.forks += 1
+                replica.child = Child(int(reply["pid"]))
+                if replica.stopped:
+                    await replica.child.stop(2.0)
+                return
+            log.warning("template of %s could not fork (%s); starting a process instead", template.key[:2],
+                        reply.get("error") if reply else f"it exited with {template.child.poll()}")
+            if self._templates.get(template.key) is template:
+                del self._templates[template.key]
+                asyncio.get_running_loop().create_task(self._stop_template(template))
+        await self._start_process(replica)
+
+    async def _stop_template(self, template: _Template) -> None:
+        template.channel.close()  # a template exits when its channel closes
+        await template.child.stop(grace_s=5.0)
+
+    # The warm and fresh paths
+    def _take_standby(self) -> Any:
+        if self.pool is None:
+            return None
+        self.pool.note_demand()
+        return self.pool.take()
+
+    async def _start_process(self, replica: _LocalReplica) -> None:
+        spec = replica.spec
+        args = ReplicaArgs(replica.handle.id, spec.entity_name, replica.socket_path, spec.max_concurrency,
+                           spec.model_uri)
+        memory_limit = spec.memory_limit_mb * 2**20
+        standby = self._take_standby()
+        if standby is not None:
+            env = {**THREAD_ENV_DEFAULTS, **spec.environment_vars}
+            await standby.channel.send(op="replica", replica=args.to_json(), log=str(replica.log_path), env=env,
+                                       memory_limit_bytes=memory_limit)
+            if (await standby.channel.recv()) is not None:  # {"event": "assigned"}
+                standby.channel.close()
+                replica.child, replica.path = standby.child, "warm"
+                return
+            standby.channel.close()
+        env = {**os.environ, **THREAD_ENV_DEFAULTS, **spec.environment_vars, "PYTHONUNBUFFERED": "1"}
+        cmd = [self.python, "-m", "berth.replica", "--model-uri", spec.model_uri, "--socket", replica.socket_path,
+               "--replica-id", replica.handle.id, "--name", spec.entity_name,
+               "--max-concurrency", str(spec.max_concurrency)]
+        popen = self._popen(cmd, replica.log_path, env, memory_limit)
+        replica.child, replica.path = Child(popen.pid, popen), "fresh"
+        replica.handle = ReplicaHandle(replica.handle.id, replica.handle.address, popen.pid)
+
+    def _popen(self, cmd: list[str], log_path: Path, env: dict[str, str], memory_limit: int,
+               pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+        # On the event loop's thread on purpose: PR_SET_PDEATHSIG fires when the thread that forked
+        # exits, so a worker thread would take the process down with it.
+        with open(log_path, "ab") as out:
+            return subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=child_setup(os.getpid(), memory_limit), pass_fds=pass_fds,
+            )
+
+
+def _template_key(spec: ReplicaSpec) -> tuple[Any, ...]:
+    """Replicas that may fork from one template: same entity, model, environment and memory limit."""
+    return (spec.endpoint_name, spec.entity_name, spec.model_uri, spec.runtime,
+            tuple(sorted(spec.environment_vars.items())), spec.memory_limit_mb)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            return b"".join(deque(f, maxlen=lines)).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _wait_dead(proc: psutil.Process, timeout: float) -> None:

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from berth.backends.base import Backend, ReplicaExit, ReplicaSpec
 from berth.control.state import (
@@ -67,6 +68,8 @@ class Reconciler:
         start_timeout_s: float,
         on_routes: Callable[[RoutingTable], None],
         on_persist: Callable[[EndpointRuntime], None],
+        settle_s: float = 1.0,
+        scale_to_zero_idle_s: float = 1800.0,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -75,6 +78,11 @@ class Reconciler:
         self.start_timeout_s = start_timeout_s
         self.on_routes = on_routes
         self.on_persist = on_persist
+        # Between taking a replica out of the routing table and stopping it: time for every gateway
+        # process to have the new table, so that none sends it a request after its SIGTERM.
+        self.settle_s = settle_s
+        self.scale_to_zero_idle_s = scale_to_zero_idle_s
+        self.idle_check_s = min(10.0, scale_to_zero_idle_s / 10)
         self.endpoints: dict[str, EndpointRuntime] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -122,6 +130,18 @@ class Reconciler:
                 entity.retired = True  # a pass in flight must not start replicas for it
             await self._stop_entities(entities, grace_s=5.0)
 
+    def demand(self, endpoint_name: str, entity_name: str) -> None:
+        """A request is waiting for an entity with no replica: scale it up from zero."""
+        endpoint = self.endpoints.get(endpoint_name)
+        entity = endpoint.active.entities.get(entity_name) if endpoint and endpoint.active else None
+        if entity is None or not entity.at_zero:
+            return
+        entity.at_zero = False
+        entity.last_active, entity.served = time.monotonic(), -1
+        entity.message = "Scaling up from zero: a request is waiting."
+        self.publish_routes()
+        self.wake()
+
     # One pass
     async def reconcile_once(self) -> None:
         now = time.monotonic()
@@ -158,6 +178,7 @@ class Reconciler:
                 if ok:
                     replica.phase = ReplicaPhase.READY
                     replica.ready_at = time.monotonic()
+                    entity.last_active = replica.ready_at  # a new replica gets a full idle period
                     changed = True
                 elif now - replica.started_at > self.start_timeout_s:
                     entity.deployment = Deployment.FAILED
@@ -168,22 +189,61 @@ class Reconciler:
                     await self._stop_entities([entity], grace_s=2.0, keep_state=True)
                     return True
 
-        missing = entity.plan.replicas - len(entity.replicas)
+        missing = entity.desired_replicas - len(entity.replicas)
         if missing > 0 and now >= entity.next_start_at and not entity.retired:
             for _ in range(missing):
                 await self._start_replica(entity)
             changed = True
+        elif missing < 0:
+            self._scale_down(entity, -missing)
+            changed = True
+        await self._apply_concurrency(entity)
 
         n_ready = len(entity.ready_replicas)
-        if n_ready >= entity.plan.replicas and entity.deployment is not Deployment.READY:
-            entity.deployment = Deployment.READY
-            entity.message = (
-                f"Serving with {n_ready} replica(s) x {entity.plan.per_replica_concurrency} "
-                "concurrent requests."
-            )
-            entity.ever_ready = True
-            changed = True
+        if entity.desired_replicas and n_ready >= entity.desired_replicas:
+            message = f"Serving with {n_ready} replica(s) x {entity.plan.per_replica_concurrency} concurrent requests."
+            if entity.deployment is not Deployment.READY or entity.message != message:
+                entity.deployment, entity.message = Deployment.READY, message
+                entity.ever_ready = True
+                changed = True
+        if entity.spec.scale_to_zero_enabled and not entity.at_zero and n_ready and now >= entity.next_idle_check:
+            changed |= await self._check_idle(entity, now)
         return changed
+
+    async def _check_idle(self, entity: EntityRuntime, now: float) -> bool:
+        """Scale an idle entity to zero: no request answered or in flight for `scale_to_zero_idle_s`."""
+        entity.next_idle_check = now + self.idle_check_s
+        stats = await asyncio.gather(*(self.backend.stats(r.handle.id) for r in entity.ready_replicas))
+        if any(s is None for s in stats):
+            return False  # a replica did not answer: not a time to decide
+        served = sum(int(s["requests"]) + int(s["in_flight"]) + int(s.get("queued", 0)) for s in stats)  # type: ignore[index]
+        if served != entity.served or any(s["in_flight"] for s in stats):  # type: ignore[index]
+            entity.served, entity.last_active = served, now
+            return False
+        if now - entity.last_active < self.scale_to_zero_idle_s:
+            return False
+        entity.at_zero = True
+        entity.served = -1
+        entity.message = (
+            f"Scaled to zero after {self.scale_to_zero_idle_s:g} s without requests; the next request "
+            "starts a replica."
+        )
+        log.info("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message)
+        return True
+
+    def _scale_down(self, entity: EntityRuntime, count: int) -> None:
+        """Take `count` replicas out of service: starting ones first, then the newest."""
+        order = sorted(entity.replicas.values(), key=lambda r: (r.phase is ReplicaPhase.READY, r.started_at))
+        victims = [r.handle.id for r in order[:count]]
+        for rid in victims:
+            del entity.replicas[rid]
+        self._in_background(self._stop_replicas(victims, grace_s=30.0, settle=True))
+
+    async def _apply_concurrency(self, entity: EntityRuntime) -> None:
+        want = entity.plan.per_replica_concurrency
+        for replica in entity.ready_replicas:
+            if replica.concurrency != want and await self.backend.configure(replica.handle.id, want):
+                replica.concurrency = want
 
     def _on_exit(self, entity: EntityRuntime, replica: ReplicaState, exit_info: ReplicaExit, now: float) -> None:
         tail = exit_info.log_tail.strip()
@@ -209,8 +269,8 @@ class Reconciler:
         )
         log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message)
 
-    async def _start_replica(self, entity: EntityRuntime) -> None:
-        spec = ReplicaSpec(
+    def _replica_spec(self, entity: EntityRuntime) -> ReplicaSpec:
+        return ReplicaSpec(
             endpoint_name=entity.endpoint_name,
             entity_name=entity.spec.name,
             model_uri=entity.spec.model_uri,
@@ -218,8 +278,12 @@ class Reconciler:
             environment_vars=entity.spec.environment_vars,
             memory_limit_mb=self.memory_limit_mb,
         )
+
+    async def _start_replica(self, entity: EntityRuntime) -> None:
+        spec = self._replica_spec(entity)
         handle = await self.backend.start(spec)
-        entity.replicas[handle.id] = ReplicaState(handle, ReplicaPhase.STARTING, time.monotonic())
+        entity.replicas[handle.id] = ReplicaState(handle, ReplicaPhase.STARTING, time.monotonic(),
+                                                  concurrency=spec.max_concurrency)
         entity.last_replica_id = handle.id
         self.store.add_replica(
             ReplicaRecord(
@@ -258,21 +322,31 @@ class Reconciler:
         """Stop entities in the background, after the routing table no longer names them."""
         for e in entities:
             e.retired = True
-        task = asyncio.create_task(self._stop_entities(entities, grace_s=30.0, keep_state=keep_state))
+        self._in_background(self._stop_entities(entities, grace_s=30.0, keep_state=keep_state, settle=True))
+
+    def _in_background(self, stop: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(stop)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
     async def _stop_entities(
-        self, entities: list[EntityRuntime], *, grace_s: float, keep_state: bool = False
+        self, entities: list[EntityRuntime], *, grace_s: float, keep_state: bool = False, settle: bool = False
     ) -> None:
-        stops = []
+        rids = []
         for entity in entities:
-            for rid in list(entity.replicas):
-                entity.replicas.pop(rid)
-                stops.append(self._stop_replica(rid, grace_s))
+            rids += list(entity.replicas)
+            entity.replicas.clear()
             if not keep_state and entity.deployment is not Deployment.FAILED:
                 entity.deployment = Deployment.ABORTED if not entity.ever_ready else entity.deployment
-        await asyncio.gather(*stops)
+        await self._stop_replicas(rids, grace_s=grace_s, settle=settle)
+        await asyncio.gather(*(self.backend.release(self._replica_spec(e)) for e in entities))
+
+    async def _stop_replicas(self, replica_ids: list[str], *, grace_s: float, settle: bool = False) -> None:
+        """Stop replicas already out of the routing table; with `settle`, first let every gateway
+        process take the new table (in-flight requests still finish: a replica drains on SIGTERM)."""
+        if settle and replica_ids:
+            await asyncio.sleep(self.settle_s)
+        await asyncio.gather(*(self._stop_replica(rid, grace_s) for rid in replica_ids))
 
     async def _stop_replica(self, replica_id: str, grace_s: float) -> None:
         try:
@@ -301,6 +375,8 @@ def build_routing_table(endpoints: object) -> RoutingTable:
                 status = EntityStatus.FAILED
             elif ent.ready_replicas:
                 status = EntityStatus.READY
+            elif ent.at_zero:
+                status = EntityStatus.ZERO
             else:
                 status = EntityStatus.STARTING
             entities.append(

@@ -12,6 +12,7 @@ from typing import Any
 from berth.control.reconciler import Reconciler
 from berth.control.spec import (
     EndpointConfig,
+    ReplicaPlan,
     ServedEntitySpec,
     parse_config,
     plan_replicas,
@@ -68,7 +69,7 @@ class EndpointService:
             tags=tags,
             description=description,
         )
-        endpoint.pending = self._config_runtime(endpoint, 1, config)
+        endpoint.pending, _ = self._config_runtime(endpoint, 1, config)
         endpoint.config_update = ConfigUpdate.IN_PROGRESS
         self.store.create_endpoint(EndpointRecord(name, endpoint.id, to_doc(endpoint)))
         self.reconciler.add(endpoint)
@@ -90,7 +91,7 @@ class EndpointService:
         if not isinstance(body, dict):
             raise InvalidParameterValue("The request body must be a JSON object.")
         config = parse_config(body)
-        pending = self._config_runtime(endpoint, endpoint.next_version, config)
+        pending, rescale = self._config_runtime(endpoint, endpoint.next_version, config)
         previous = (endpoint.pending, endpoint.config_update, endpoint.last_updated_timestamp)
         endpoint.pending, endpoint.config_update = pending, ConfigUpdate.IN_PROGRESS
         endpoint.last_updated_timestamp = now_ms()
@@ -99,6 +100,8 @@ class EndpointService:
         except Exception:
             endpoint.pending, endpoint.config_update, endpoint.last_updated_timestamp = previous
             raise
+        for entity, spec, plan in rescale:
+            entity.spec, entity.plan = spec, plan
         self.reconciler.wake()
         return endpoint.view()
 
@@ -138,26 +141,35 @@ class EndpointService:
             raise ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
         return endpoint
 
-    def _config_runtime(self, endpoint: EndpointRuntime, version: int, config: EndpointConfig) -> ConfigRuntime:
+    def _config_runtime(
+        self, endpoint: EndpointRuntime, version: int, config: EndpointConfig
+    ) -> tuple[ConfigRuntime, list[tuple[EntityRuntime, ServedEntitySpec, ReplicaPlan]]]:
+        """The config's runtime, sharing entities whose model and environment are unchanged, and
+        the new spec and plan of each shared one (applied by the caller once the change is stored)."""
         reusable = {}
         if endpoint.active is not None:
             for ent in endpoint.active.entities.values():
                 if ent.deployment is not Deployment.FAILED and not ent.retired:
                     reusable[ent.spec.deployment_key()] = ent
         entities = {}
+        rescale = []
         for spec in config.served_entities:
             shared = reusable.get(spec.deployment_key())
+            if shared is not None:  # same model and environment: new bounds apply to its running replicas
+                rescale.append((shared, spec, self._plan(spec)))
             entities[spec.name] = shared if shared is not None else self._entity(endpoint.name, spec)
-        return ConfigRuntime(version=version, config=config, entities=entities)
+        return ConfigRuntime(version=version, config=config, entities=entities), rescale
 
-    def _entity(self, endpoint_name: str, spec: ServedEntitySpec) -> EntityRuntime:
-        plan = plan_replicas(
+    def _plan(self, spec: ServedEntitySpec) -> ReplicaPlan:
+        return plan_replicas(
             spec.max_provisioned_concurrency,
             PYFUNC.per_replica_concurrency,
             self.cores,
             cpu_bound=PYFUNC.cpu_bound,
         )
-        return EntityRuntime(endpoint_name=endpoint_name, spec=spec, plan=plan)
+
+    def _entity(self, endpoint_name: str, spec: ServedEntitySpec) -> EntityRuntime:
+        return EntityRuntime(endpoint_name=endpoint_name, spec=spec, plan=self._plan(spec))
 
     def _from_doc(self, record: EndpointRecord) -> EndpointRuntime:
         doc = record.doc
@@ -175,7 +187,9 @@ class EndpointService:
             saved = doc.get(slot)
             if saved is None:
                 continue
-            cfg = self._config_runtime(endpoint, saved["version"], parse_config(saved["config"]))
+            cfg, rescale = self._config_runtime(endpoint, saved["version"], parse_config(saved["config"]))
+            for entity, spec, plan in rescale:
+                entity.spec, entity.plan = spec, plan
             cfg.start_time = saved.get("start_time", cfg.start_time)
             for ent_name, ent in cfg.entities.items():
                 state = saved["entities"].get(ent_name, {})

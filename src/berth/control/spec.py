@@ -52,14 +52,14 @@ class ServedEntitySpec:
         return self.entity_name
 
     def deployment_key(self) -> tuple[Any, ...]:
-        """Entities with equal keys can share replicas across a config update."""
+        """Entities with equal keys keep their replicas across a config update: a change of scaling
+        bounds (workload size, provisioned concurrency, scale to zero) applies to the running ones."""
         return (
             self.name,
             self.entity_name,
             self.entity_version,
             self.workload_type,
             tuple(sorted(self.environment_vars.items())),
-            self.max_provisioned_concurrency,
         )
 
     def to_input_dict(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class ReplicaState:
     phase: ReplicaPhase
     started_at: float
     ready_at: float | None = None
+    concurrency: int = 0  # the max_concurrency it runs with
 
 
 @dataclass
@@ -64,13 +65,21 @@ class EntityRuntime:
     ever_ready: bool = False
     retired: bool = False
     last_replica_id: str | None = None
+    at_zero: bool = False  # scaled to zero: no replica until a request comes
+    last_active: float = field(default_factory=time.monotonic)  # when a replica last had work
+    served: int = -1  # requests its replicas had answered at the last idle check
+    next_idle_check: float = 0.0
 
     @property
     def ready_replicas(self) -> list[ReplicaState]:
         return [r for r in self.replicas.values() if r.phase is ReplicaPhase.READY]
 
-    def view(self, creator: str) -> dict[str, Any]:
-        out = self.spec.to_dict()
+    @property
+    def desired_replicas(self) -> int:
+        return 0 if self.at_zero else self.plan.replicas
+
+    def view(self, creator: str, spec: ServedEntitySpec | None = None) -> dict[str, Any]:
+        out = (spec or self.spec).to_dict()
         out["creator"] = creator
         out["creation_timestamp"] = self.creation_timestamp
         out["state"] = {"deployment": self.deployment.value, "deployment_state_message": self.message}
@@ -87,7 +96,7 @@ class ConfigRuntime:
     def view(self, creator: str, *, pending: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "config_version": self.version,
-            "served_entities": [self.entities[e.name].view(creator) for e in self.config.served_entities],
+            "served_entities": [self.entities[e.name].view(creator, e) for e in self.config.served_entities],
             "traffic_config": {"routes": [r.to_dict() for r in self.config.routes]},
         }
         if pending:
@@ -123,7 +132,7 @@ class EndpointRuntime:
     def ready(self) -> Ready:
         if self.active is None:
             return Ready.NOT_READY
-        ok = all(e.ready_replicas and e.deployment is not Deployment.FAILED
+        ok = all((e.ready_replicas or e.at_zero) and e.deployment is not Deployment.FAILED
                  for e in self.active.entities.values())
         return Ready.READY if ok else Ready.NOT_READY
 

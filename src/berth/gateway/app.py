@@ -8,6 +8,7 @@ everything else goes to the control plane's app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 from berth.errors import BerthError, DeadlineExceeded, ResourceDoesNotExist, TemporarilyUnavailable
 from berth.gateway.auth import TokenAuthority
-from berth.gateway.routing import EntityRoute, RoutingTable, choose_entity, choose_replica
+from berth.gateway.routing import EntityRoute, EntityStatus, RoutingTable, choose_entity, choose_replica, failed
 from berth.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
 from berth.http import (
     JSON,
@@ -41,7 +42,8 @@ _NOT_FOUND = b'{"error_code":"NOT_FOUND","message":"Not found"}'
 class Gateway:
     """Holds the routing table and a connection pool per ready replica."""
 
-    def __init__(self, auth: TokenAuthority, metrics: Metrics, *, request_timeout_s: float, name: str = "0") -> None:
+    def __init__(self, auth: TokenAuthority, metrics: Metrics, *, request_timeout_s: float, name: str = "0",
+                 hold_timeout_s: float = 60.0, on_demand: Callable[[str, str], None] | None = None) -> None:
         self.auth = auth
         self.metrics = metrics
         self.name = name  # which of the host's gateway processes this is (the x-berth-gateway header)
@@ -51,6 +53,9 @@ class Gateway:
         self.request_timeout_s = request_timeout_s
         self.table = RoutingTable()
         self.upstreams: dict[str, Upstream] = {}
+        self.hold_timeout_s = hold_timeout_s
+        self.on_demand = on_demand  # (endpoint, entity): a request waits for an entity at zero
+        self._routes_changed: asyncio.Future[None] | None = None
 
     def set_routes(self, table: RoutingTable) -> None:
         """Swap in a new routing table; pools of replicas it no longer names are closed."""
@@ -65,6 +70,9 @@ class Gateway:
             if rid not in self.upstreams:
                 self.upstreams[rid] = Upstream(address)
         self.table = table
+        changed, self._routes_changed = self._routes_changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)  # held requests look again
 
     def _outstanding(self, replica_id: str) -> int:
         upstream = self.upstreams.get(replica_id)
@@ -85,7 +93,7 @@ class Gateway:
                 outcome = choice
             else:
                 entity = choice.name
-                outcome = await self._forward(choice, body, header(scope, b"content-type") or b"")
+                outcome = await self._forward(name, choice, body, header(scope, b"content-type") or b"")
         if isinstance(outcome, BerthError):
             status, payload, headers = error_body(outcome)
             headers.append(self.name_header)
@@ -96,19 +104,31 @@ class Gateway:
         await send_response(send, status, payload, headers)
         self._record(name, entity, status, read_at, outcome)
 
-    async def _forward(self, choice: EntityRoute, body: bytes, content_type: bytes) -> UpstreamResponse | BerthError:
-        replicas = choice.replicas
+    async def _forward(
+        self, name: str, choice: EntityRoute, body: bytes, content_type: bytes
+    ) -> UpstreamResponse | BerthError:
+        """Send the request to a ready replica of the entity. With none (starting, restarting, at
+        zero, or each one refused the connection) the request waits for the next routing table
+        that has one, up to `hold_timeout_s`."""
+        gone: set[str] = set()  # replicas that refused the connection: the request never reached them
+        held_since: float | None = None
         while True:
+            replicas = tuple(r for r in choice.replicas if r[0] not in gone and r[0] in self.upstreams)
+            if not replicas:
+                if held_since is None:
+                    held_since = time.perf_counter()
+                held = await self._hold(name, choice, gone, held_since)
+                if isinstance(held, BerthError):
+                    return held
+                choice = held
+                continue
             replica_id, _ = choose_replica(replicas, self._outstanding)
-            upstream = self.upstreams.get(replica_id)
             try:
-                if upstream is None:  # removed from the table while the body was read
-                    raise UpstreamError("replica was removed", delivered=False)
-                return await upstream.request(b"/invocations", body, content_type, self.request_timeout_s)
+                return await self.upstreams[replica_id].request(b"/invocations", body, content_type,
+                                                                self.request_timeout_s)
             except UpstreamError as exc:
-                # Never delivered (the replica is gone): another ready replica may take it.
-                replicas = tuple(r for r in replicas if r[0] != replica_id and r[0] in self.upstreams)
-                if not exc.delivered and replicas:
+                if not exc.delivered:  # the replica is gone: another one may take it
+                    gone.add(replica_id)
                     continue
                 return TemporarilyUnavailable(
                     f"Replica of served entity '{choice.name}' stopped before answering ({exc}); retry the request.",
@@ -118,6 +138,41 @@ class Gateway:
                 return DeadlineExceeded(
                     f"Served entity '{choice.name}' did not answer within {self.request_timeout_s:g} s."
                 )
+
+    async def _hold(self, name: str, entity: EntityRoute, gone: set[str], since: float) -> EntityRoute | BerthError:
+        """Wait for a routing table in which the entity has a ready replica not in `gone`; wake it
+        if it is at zero. Answers an error after `hold_timeout_s`, or when the entity failed."""
+        deadline = since + self.hold_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            if entity.status is EntityStatus.ZERO and self.on_demand is not None:
+                self.on_demand(name, entity.name)
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return TemporarilyUnavailable(
+                    f"Served entity '{entity.name}' of endpoint '{name}' had no ready replica for "
+                    f"{self.hold_timeout_s:g} s; retry shortly.",
+                    retry_after=1,
+                )
+            if self._routes_changed is None:
+                self._routes_changed = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._routes_changed), remaining)
+            route = self.table.endpoints.get(name)
+            if route is None:
+                return ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
+            current = next((e for e in route.entities if e.name == entity.name), None)
+            if current is None:  # a new config without it went live: choose again
+                choice = choose_entity(route, random.random() * 100.0)
+                if isinstance(choice, BerthError):
+                    return choice
+                current = choice
+            elif current.status is EntityStatus.FAILED:
+                return failed(name, current)
+            entity = current
+            if any(r[0] not in gone for r in entity.replicas):
+                self.metrics.held.labels(name, entity.name).observe(time.perf_counter() - since)
+                return entity
 
     def _record(self, endpoint: str, entity: str, status: int, read_at: float, outcome: object) -> None:
         done = time.perf_counter()

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ class _Worker:
 class GatewayHub:
     """Starts, feeds, watches and stops the gateway's worker processes."""
 
-    def __init__(self, workers: int, run_dir: Path, *, request_timeout_s: float, log_dir: Path) -> None:
+    def __init__(self, workers: int, run_dir: Path, *, request_timeout_s: float, log_dir: Path,
+                 hold_timeout_s: float = 60.0, on_demand: Callable[[str, str], None] | None = None) -> None:
         self.count = workers - 1  # the main process is gateway 0
         self.run_dir = run_dir
         self.feed_path = str(run_dir / "feed.sock")
@@ -56,6 +58,8 @@ class GatewayHub:
         self.metrics_dir = run_dir / "metrics"
         self.log_dir = log_dir
         self.request_timeout_s = request_timeout_s
+        self.hold_timeout_s = hold_timeout_s
+        self.on_demand = on_demand  # a worker holds a request for an entity at zero
         self._state: dict[str, Any] = {"routes": [], "tokens": []}
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._workers = [_Worker(i) for i in range(1, workers)]
@@ -99,6 +103,7 @@ class GatewayHub:
             sys.executable, "-m", "berth.gateway.worker", "--index", str(worker.index), "--host", host,
             "--port", str(port), "--feed", self.feed_path, "--control", f"unix:{self.control_path}",
             "--metrics-dir", str(self.metrics_dir), "--request-timeout", str(self.request_timeout_s),
+            "--hold-timeout", str(self.hold_timeout_s),
         ]
         # On the event loop's thread: PR_SET_PDEATHSIG fires when the thread that forked exits.
         with open(self.log_dir / f"gateway-{worker.index}.log", "ab") as out:
@@ -117,11 +122,16 @@ class GatewayHub:
         self._writers[index] = writer
         writer.write(orjson.dumps(self._state) + b"\n")
         try:
-            if (await reader.readline()).strip() == b"ready":
-                for worker in self._workers:
-                    if worker.index == index:
-                        worker.ready.set()
-            await reader.read()  # until the worker goes
+            # Lines from the worker: "ready" once it serves, then "demand ENDPOINT ENTITY" for each
+            # request it holds for an entity at zero; EOF when it goes.
+            while line := await reader.readline():
+                words = line.split()
+                if words == [b"ready"]:
+                    for worker in self._workers:
+                        if worker.index == index:
+                            worker.ready.set()
+                elif len(words) == 3 and words[0] == b"demand" and self.on_demand is not None:
+                    self.on_demand(words[1].decode(), words[2].decode())
         finally:
             if self._writers.get(index) is writer:
                 del self._writers[index]

@@ -18,7 +18,8 @@ from berth.errors import BerthError, InvalidState, TemporarilyUnavailable
 
 class EntityStatus(enum.StrEnum):
     READY = "ready"  # has ready replicas
-    STARTING = "starting"  # no ready replica yet, or all restarting
+    STARTING = "starting"  # no ready replica yet, or all restarting: requests wait for one
+    ZERO = "zero"  # scaled to zero: a request wakes it, then waits for its replica
     FAILED = "failed"  # cannot serve until its config changes
 
 
@@ -92,17 +93,14 @@ def choose_entity(route: EndpointRoute, draw: float) -> EntityRoute | BerthError
     index = bisect.bisect_right(route.cumulative, draw * route.cumulative[-1] / 100.0)
     entity = route.entities[min(index, len(route.entities) - 1)]
     if entity.status is EntityStatus.FAILED:
-        return InvalidState(
-            f"Endpoint '{route.name}' cannot serve: served entity '{entity.name}' failed. "
-            f"{entity.message}".strip()
-        )
-    if entity.status is EntityStatus.STARTING or not entity.replicas:
-        return TemporarilyUnavailable(
-            f"Served entity '{entity.name}' of endpoint '{route.name}' has no ready replica "
-            "right now; retry shortly.",
-            retry_after=1,
-        )
-    return entity
+        return failed(route.name, entity)
+    return entity  # with no ready replica (starting, restarting, at zero) the gateway holds the request
+
+
+def failed(endpoint: str, entity: EntityRoute) -> InvalidState:
+    """The answer for a request to a failed entity."""
+    return InvalidState(f"Endpoint '{endpoint}' cannot serve: served entity '{entity.name}' failed. "
+                        f"{entity.message}".strip())
 
 
 def choose_replica(

@@ -74,7 +74,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._fail(UpstreamError("replica closed the connection before answering"))
+        if isinstance(exc, BrokenPipeError | ConnectionResetError) and not self.chunks:
+            # The write found the replica's end already closed (a pooled connection to a replica
+            # that had just died): nothing reached it, so another replica may take the request.
+            self._fail(UpstreamError(f"replica was gone when the request was written ({exc})", delivered=False))
+        else:
+            self._fail(UpstreamError("replica closed the connection before answering"))
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:

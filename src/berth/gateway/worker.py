@@ -46,6 +46,11 @@ class Feed:
         if self.writer is not None:
             self.writer.write(b"ready\n")
 
+    def demand(self, endpoint: str, entity: str) -> None:
+        """Tell the main process a request waits for an entity at zero (names never hold spaces)."""
+        if self.writer is not None:
+            self.writer.write(f"demand {endpoint} {entity}\n".encode())
+
     def apply(self, line: bytes) -> None:
         state = orjson.loads(line)
         self.gateway.auth.replace(state["tokens"])
@@ -72,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", required=True)
     parser.add_argument("--metrics-dir", type=Path, required=True)
     parser.add_argument("--request-timeout", type=float, required=True)
+    parser.add_argument("--hold-timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
 
     gateway = Gateway(TokenAuthority(), Metrics(shared_dir=args.metrics_dir), request_timeout_s=args.request_timeout,
-                      name=str(args.index))
+                      name=str(args.index), hold_timeout_s=args.hold_timeout,
+                      on_demand=lambda endpoint, entity: feed.demand(endpoint, entity) if feed is not None else None)
     control = ControlForwarder(args.control, timeout_s=args.request_timeout)
     feed: Feed | None = None
 

@@ -58,5 +58,14 @@ class Metrics:
             registry=own,
         )
 
+        self.held = Histogram(
+            "berth_held_request_wait_seconds",
+            "How long invocations waited for a ready replica (an entity starting, restarting or at zero), "
+            "by endpoint and served entity.",
+            ["endpoint", "entity"],
+            buckets=LATENCY_BUCKETS,
+            registry=own,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

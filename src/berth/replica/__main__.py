@@ -1,4 +1,8 @@
-"""Entry point of a replica process: `python -m berth.replica --model-uri URI --socket PATH`.
+"""Entry point of a replica process (see `berth.replica.launch` for the three paths).
+
+    python -m berth.replica --model-uri URI --socket PATH --replica-id ID     a fresh replica
+    python -m berth.replica --standby --control-fd FD                         a warm-pool process
+    python -m berth.replica --template --model-uri URI --control-fd FD        a template to fork from
 
 Exit code 3 means the model could not be loaded (deterministic: the backend does not retry it).
 """
@@ -6,53 +10,38 @@ Exit code 3 means the model could not be loaded (deterministic: the backend does
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import sys
-import traceback
-import warnings
 
-from berth.backends.base import EXIT_MODEL_LOAD_FAILED
+from berth.replica.launch import Channel, ReplicaArgs, run_fresh, run_standby
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="berth.replica")
-    parser.add_argument("--model-uri", required=True)
-    parser.add_argument("--socket", required=True)
-    parser.add_argument("--replica-id", required=True)
+    parser.add_argument("--model-uri")
+    parser.add_argument("--socket")
+    parser.add_argument("--replica-id")
     parser.add_argument("--name", default="model")
     parser.add_argument("--max-concurrency", type=int, default=16)
+    parser.add_argument("--standby", action="store_true", help="wait in the warm pool for an assignment")
+    parser.add_argument("--template", action="store_true", help="load the model and fork replicas on request")
+    parser.add_argument("--control-fd", type=int, help="the backend's control socket (standby, template)")
+    parser.add_argument("--thread-env", default="{}", help="a template's replicas' thread-pool sizes (JSON)")
     args = parser.parse_args(argv)
 
-    print(f"berth replica {args.replica_id}: loading {args.model_uri}", flush=True)
-    try:
-        from berth.replica.scoring import Scorer
+    if args.standby or args.template:
+        if args.control_fd is None:
+            parser.error("--standby and --template need --control-fd")
+        if args.standby:
+            return run_standby(args.control_fd)
+        if not args.model_uri:
+            parser.error("--template needs --model-uri")
+        from berth.replica.template import run_template
 
-        scorer = Scorer(args.model_uri)
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"Failed to load model {args.model_uri}: {type(exc).__name__}: {exc}", flush=True)
-        return EXIT_MODEL_LOAD_FAILED
-
-    # Warnings are for loading (shown above); while serving, Python would print each at most once anyway.
-    # One "ignore" filter also halves scikit-learn's per-tree cost in forests: its joblib wrapper
-    # re-installs every warning filter around each tree's predict.
-    warnings.resetwarnings()
-    warnings.simplefilter("ignore")
-    # The loaded model, MLflow and pandas are ~250k objects that live as long as the process: a full
-    # garbage collection over them pauses every request in flight (~170 ms here). Frozen, the
-    # collector only looks at what requests allocate.
-    gc.freeze()
-
-    import uvloop
-
-    from berth.replica.server import ReplicaApp, ReplicaServer
-
-    app = ReplicaApp(scorer, args.replica_id, args.name, args.max_concurrency)
-    server = ReplicaServer(app, uds=args.socket)
-    listening = (f"berth replica {args.replica_id}: model loaded, serving on {args.socket} "
-                 f"(fast path: {scorer.fast_path})")
-    uvloop.run(server.serve(on_listening=lambda: print(listening, flush=True)))
-    return 0
+        return run_template(args.model_uri, args.name, Channel(args.control_fd), json.loads(args.thread_env))
+    if not (args.model_uri and args.socket and args.replica_id):
+        parser.error("a replica needs --model-uri, --socket and --replica-id")
+    return run_fresh(ReplicaArgs(args.replica_id, args.name, args.socket, args.max_concurrency, args.model_uri))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class Scorer:
         from mlflow.pyfunc.scoring_server import load_model_with_mlflow_config
 
         os.environ[_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name] = "true"
+        self.model_uri = model_uri
         self.model = load_model_with_mlflow_config(model_uri)
         self.input_schema = self.model.metadata.get_input_schema()
         self._takes_params = "params" in inspect.signature(self.model.predict).parameters
@@ -64,6 +65,23 @@ class Scorer:
         self.batched_requests = 0
         self.largest_batch = 0
         self.model_call_s = 0.0  # seconds spent in model calls so far (the batcher times calls with it)
+
+    def warm_up(self) -> bool:
+        """Score the model's own serving example once, so that lazy initialisation (and, in a template,
+        the pages it touches) happens before traffic. False when there is no example or it fails."""
+        path = self.model_uri.removeprefix("file://")
+        if not os.path.isdir(path):
+            return False
+        try:
+            example = self.model.metadata.get_serving_input(path)
+        except Exception:
+            return False
+        if not example:
+            return False
+        calls = self.model_call_s
+        result = self.score(example.encode(), "application/json")
+        self.model_call_s = calls  # the batcher's estimate of a call starts from real traffic
+        return result.status == 200
 
     @property
     def fast_path(self) -> str:

@@ -147,8 +147,20 @@ class ReplicaApp:
             "largest_batch": self.scorer.largest_batch,
             "fast_path": self.scorer.fast_path,
             "predict_on": "loop" if self.batcher.inline else "thread",
+            "max_concurrency": self.batcher.max_batch,
             "model_call_ms": round(self.batcher.call_s * 1e3, 3) if self.batcher.call_s != float("inf") else None,
         }
+
+    def _settings(self, body: bytes) -> tuple[int, bytes, bytes]:
+        """Change what the control plane may change on a live replica: its concurrency."""
+        try:
+            value = orjson.loads(body).get("max_concurrency")
+        except (orjson.JSONDecodeError, AttributeError):
+            value = None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return 400, JSON, b'{"error_code":"INVALID_PARAMETER_VALUE","message":"max_concurrency must be >= 1"}'
+        self.batcher.max_batch = value
+        return 200, JSON, orjson.dumps({"max_concurrency": value})
 
     def handle(self, method: bytes, path: bytes, content_type: bytes, body: bytes,
                answer: Callable[[int, bytes, bytes], None]) -> None:
@@ -166,6 +178,8 @@ class ReplicaApp:
             answer(200, JSON, b"\n")
         elif path == b"/stats" and method == b"GET":
             answer(200, JSON, orjson.dumps(self.stats()))
+        elif path == b"/settings" and method == b"POST":
+            answer(*self._settings(body))
         else:
             answer(404, JSON, NOT_FOUND)
 
