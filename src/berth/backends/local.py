@@ -299,7 +299,7 @@ class LocalBackend:
             template.reason = message.get("reason", "")
             if template.state == "unsafe":
                 self._unsafe[template.key] = template.reason
-                log.info("replicas of %s start without forking: %s", template.key[:2], template.reason)
+                log.warning("replicas of %s start without forking: %s", template.key[:2], template.reason)
         else:
             template.state = "failed"
             await template.child.wait(10.0)

@@ -103,11 +103,14 @@ def import_runtime() -> None:
         import sklearn.base  # noqa: F401  # most pyfunc models here are scikit-learn's
 
 
-def apply_environment(env: dict[str, str]) -> None:
+def apply_environment(env: dict[str, str]) -> dict[str, str]:
     """An assignment's environment for a process that is already running: variables for the model's
-    code, and the thread-pool sizes its native libraries read at import (set through threadpoolctl)."""
+    code, and the thread-pool sizes its native libraries read at import (set through threadpoolctl;
+    returned, for the predict thread)."""
     os.environ.update(env)
-    limit_threads({var: env[var] for var in THREAD_VARS if var in env})
+    threads = {var: env[var] for var in THREAD_VARS if var in env and env[var] != "1"}
+    limit_threads(threads)
+    return threads
 
 
 def limit_threads(values: dict[str, str]) -> None:
@@ -167,13 +170,17 @@ def load(model_uri: str, label: str) -> Scorer | None:
     return scorer
 
 
-def serve(scorer: Scorer, args: ReplicaArgs, note: str = "") -> int:
-    """Serve the loaded model on the replica's Unix socket until SIGTERM, then drain."""
+def serve(scorer: Scorer, args: ReplicaArgs, note: str = "", threads: dict[str, str] | None = None) -> int:
+    """Serve the loaded model on the replica's Unix socket until SIGTERM, then drain.
+
+    `threads`: thread-pool sizes set after the process started (`limit_threads`), applied on the
+    predict thread too (OpenMP keeps its thread count per thread)."""
     import uvloop
 
     from berth.replica.server import ReplicaApp, ReplicaServer
 
-    app = ReplicaApp(scorer, args.replica_id, args.name, args.max_concurrency)
+    setup = (lambda: limit_threads(threads)) if threads else None
+    app = ReplicaApp(scorer, args.replica_id, args.name, args.max_concurrency, thread_setup=setup)
     server = ReplicaServer(app, uds=args.socket)
     listening = (f"berth replica {args.replica_id}: model loaded, serving on {args.socket} "
                  f"(fast path: {scorer.fast_path}){note}")
@@ -181,11 +188,11 @@ def serve(scorer: Scorer, args: ReplicaArgs, note: str = "") -> int:
     return 0
 
 
-def run_fresh(args: ReplicaArgs) -> int:
+def run_fresh(args: ReplicaArgs, threads: dict[str, str] | None = None) -> int:
     scorer = load(args.model_uri, f"replica {args.replica_id}")
     if scorer is None:
         return EXIT_MODEL_LOAD_FAILED
-    return serve(scorer, args)
+    return serve(scorer, args, threads=threads)
 
 
 def run_standby(control_fd: int) -> int:
@@ -194,12 +201,13 @@ def run_standby(control_fd: int) -> int:
     channel = Channel(control_fd)
     import_runtime()
     gc.collect()
+    set_title("standby", state="ready")
     channel.send(event="standby", pid=os.getpid())
     order = channel.recv()
     if order is None:
         return 0
     redirect_output(order["log"])
-    apply_environment(order.get("env", {}))
+    threads = apply_environment(order.get("env", {}))
     lower_memory_limit(int(order.get("memory_limit_bytes", 0)))
     if order["op"] == "template":
         from berth.replica.template import run_template
@@ -210,4 +218,4 @@ def run_standby(control_fd: int) -> int:
     set_title("warm", args)
     channel.send(event="assigned")
     channel.close()
-    return run_fresh(args)
+    return run_fresh(args, threads)

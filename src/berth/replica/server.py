@@ -47,10 +47,12 @@ _EWMA = 0.2  # weight of the newest model call in the running estimate of its du
 class Batcher:
     """Feeds the model from a queue: whatever waited while it was busy becomes its next batch."""
 
-    def __init__(self, scorer: Scorer, max_batch: int) -> None:
+    def __init__(self, scorer: Scorer, max_batch: int, thread_setup: Callable[[], None] | None = None) -> None:
         self.scorer = scorer
         self.max_batch = max(1, max_batch)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+        # `thread_setup` runs first on the predict thread: OpenMP's thread count is per thread, and a
+        # forked or warm-pool replica sets it after its start (`berth.replica.launch.limit_threads`).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=thread_setup)
         self.call_s = float("inf")  # running estimate of one model call; unknown: the thread first
         self._pending: deque[Pending] = deque()
         self._busy = False
@@ -123,11 +125,12 @@ class Batcher:
 class ReplicaApp:
     """Routes `/invocations`, `/ping`, `/health` and `/stats` for one loaded model."""
 
-    def __init__(self, scorer: Scorer, replica_id: str, name: str, max_concurrency: int = 1) -> None:
+    def __init__(self, scorer: Scorer, replica_id: str, name: str, max_concurrency: int = 1,
+                 thread_setup: Callable[[], None] | None = None) -> None:
         self.scorer = scorer
         self.replica_id = replica_id
         self.name = name
-        self.batcher = Batcher(scorer, max_batch=max_concurrency)
+        self.batcher = Batcher(scorer, max_batch=max_concurrency, thread_setup=thread_setup)
         self.requests = 0
         self.in_flight = 0
 

@@ -134,12 +134,13 @@ def _become_replica(scorer: Any, args: ReplicaArgs, log_path: str, parents: tupl
         numpy = sys.modules.get("numpy")
         if numpy is not None:
             numpy.random.seed()
-        if any(value != "1" for value in thread_env.values()):  # the template runs every pool at one thread
-            limit_threads(thread_env)
+        threads = {var: value for var, value in thread_env.items() if value != "1"}
+        if threads:  # the template runs every pool at one thread
+            limit_threads(threads)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         set_title("forked", args)
         note = f" (forked from template {template}, adopted in {(time.perf_counter() - forked_at) * 1e3:.1f} ms)"
-        code = serve(scorer, args, note)
+        code = serve(scorer, args, note, threads)
     except BaseException:  # never return into the template's loop
         import traceback
 
