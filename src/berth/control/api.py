@@ -64,6 +64,10 @@ def build_control_app(service: EndpointService) -> Starlette:
         body = await _json_body(request)
         return json_response(service.update_config(request.path_params["name"], body))
 
+    async def patch_tags(request: Request) -> Response:
+        body = await _json_body(request)
+        return json_response(service.patch_tags(request.path_params["name"], body))
+
     async def logs(request: Request) -> Response:
         p = request.path_params
         return json_response(service.logs(p["name"], p["served"]))
@@ -103,6 +107,7 @@ def build_control_app(service: EndpointService) -> Starlette:
         Route(BASE + "/{name}", get, methods=["GET"]),
         Route(BASE + "/{name}", delete, methods=["DELETE"]),
         Route(BASE + "/{name}/config", update_config, methods=["PUT"]),
+        Route(BASE + "/{name}/tags", patch_tags, methods=["PATCH"]),
         Route(BASE + "/{name}/served-models/{served}/logs", logs, methods=["GET"]),
         Route(BASE + "/{name}/served-models/{served}/build-logs", build_logs, methods=["GET"]),
         Route(BASE + "/{name}/openapi", openapi, methods=["GET"]),

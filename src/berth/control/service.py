@@ -105,6 +105,26 @@ class EndpointService:
         self.reconciler.wake()
         return endpoint.view()
 
+    def patch_tags(self, name: str, body: Any) -> dict[str, Any]:
+        """Add or replace tags (`add_tags`) and remove keys (`delete_tags`); no replica restarts."""
+        endpoint = self._endpoint(name)
+        if not isinstance(body, dict):
+            raise InvalidParameterValue("The request body must be a JSON object.")
+        add = _parse_tags(body.get("add_tags"))
+        delete = body.get("delete_tags") or []
+        if not isinstance(delete, list) or not all(isinstance(k, str) for k in delete):
+            raise InvalidParameterValue("'delete_tags' must be a list of tag keys.")
+        added = {t["key"] for t in add}
+        tags = [t for t in endpoint.tags if t["key"] not in added and t["key"] not in delete] + add
+        previous = endpoint.tags
+        endpoint.tags = tags
+        try:
+            self.persist(endpoint)
+        except Exception:
+            endpoint.tags = previous
+            raise
+        return {"tags": list(tags)}
+
     async def delete(self, name: str) -> None:
         self._endpoint(name)
         self.store.delete_endpoint(name)
