@@ -87,6 +87,7 @@ def world(tmp_path, monkeypatch):
         start_timeout_s=300.0,
         on_routes=tables.append,
         on_persist=lambda ep: holder["service"].persist(ep),
+        settle_s=0.0,
     )
     service = EndpointService(store, reconciler, cores=2)
     holder["service"] = service
@@ -260,3 +261,74 @@ def test_restart_restores_endpoints_from_the_store(world, tmp_path):
     assert ep.active is not None
     assert ep.active.version == 1
     assert ep.active.entities["a"].deployment is Deployment.RECOVERING
+
+
+def test_idle_scale_to_zero_entity_goes_to_zero_and_a_demand_brings_it_back(world):
+    service, reconciler, backend, clock, tables = world
+    napper = {"served_entities": [{"entity_name": "/models/a", "name": "a", "workload_size": "Small",
+                                   "scale_to_zero_enabled": True}]}
+
+    async def settle():
+        await reconciler.reconcile_once()
+        await asyncio.gather(*reconciler._retiring)
+
+    async def scenario():
+        service.create({"name": "ep", "config": napper}, creator="admin")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        (rid,) = reconciler.endpoints["ep"].active.entities["a"].replicas
+        # Requests keep coming: never idle, whatever the time.
+        for served in range(1, 5):
+            backend.served[rid] = served
+            clock.t += 1000.0
+            await settle()
+        assert tables[-1].endpoints["ep"].entities[0].status is EntityStatus.READY
+        clock.t += 1000.0  # one check sees no new request ...
+        await settle()
+        assert tables[-1].endpoints["ep"].entities[0].status is EntityStatus.READY
+        clock.t += 801.0  # ... and 1,801 s later another one: idle for the whole period
+        await settle()
+        zero = service.get("ep")
+        assert tables[-1].endpoints["ep"].entities[0].status is EntityStatus.ZERO
+        assert backend.stopped == [rid]
+        reconciler.demand("ep", "a")
+        assert tables[-1].endpoints["ep"].entities[0].status is EntityStatus.STARTING
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        return zero, service.get("ep"), rid
+
+    zero, back, rid = run(scenario())
+    state = zero["config"]["served_entities"][0]["state"]
+    assert zero["state"]["ready"] == "READY"
+    assert state["deployment"] == "DEPLOYMENT_READY"
+    assert "Scaled to zero after 1800 s without requests" in state["deployment_state_message"]
+    assert back["state"]["ready"] == "READY"
+    assert back["config"]["served_entities"][0]["state"]["deployment_state_message"].startswith("Serving with 1")
+    route = tables[-1].endpoints["ep"].entities[0]
+    assert route.status is EntityStatus.READY
+    assert [r for r, _ in route.replicas] != [rid]  # a new replica, never the old id
+
+
+def test_lower_bounds_stop_the_newest_replicas_and_new_concurrency_reaches_the_others(world):
+    service, reconciler, backend, _clock, _tables = world
+    wide = {"served_entities": [{"entity_name": "/models/a", "name": "a", "max_provisioned_concurrency": 64}]}
+    narrow = {"served_entities": [{"entity_name": "/models/a", "name": "a", "max_provisioned_concurrency": 8}]}
+
+    async def scenario():
+        service.create({"name": "ep", "config": wide}, creator="admin")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        first = list(reconciler.endpoints["ep"].active.entities["a"].replicas)
+        service.update_config("ep", narrow)
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        await asyncio.gather(*reconciler._retiring)
+        return first, list(reconciler.endpoints["ep"].active.entities["a"].replicas)
+
+    first, after = run(scenario())
+    assert len(first) == 2  # 64 on 2 cores: 2 replicas x 32
+    assert after == first[:1]  # the newest one stopped, the other kept
+    assert backend.stopped == first[1:]
+    assert backend.configured == [(first[0], 8)]
+    assert len(backend.started) == 2  # nothing restarted
+    assert service.get("ep")["config"]["served_entities"][0]["max_provisioned_concurrency"] == 8

@@ -189,6 +189,9 @@ class Reconciler:
                     await self._stop_entities([entity], grace_s=2.0, keep_state=True)
                     return True
 
+        if (entity.spec.scale_to_zero_enabled and not entity.at_zero and entity.ready_replicas
+                and now >= entity.next_idle_check):
+            changed |= await self._check_idle(entity, now)
         missing = entity.desired_replicas - len(entity.replicas)
         if missing > 0 and now >= entity.next_start_at and not entity.retired:
             for _ in range(missing):
@@ -206,8 +209,6 @@ class Reconciler:
                 entity.deployment, entity.message = Deployment.READY, message
                 entity.ever_ready = True
                 changed = True
-        if entity.spec.scale_to_zero_enabled and not entity.at_zero and n_ready and now >= entity.next_idle_check:
-            changed |= await self._check_idle(entity, now)
         return changed
 
     async def _check_idle(self, entity: EntityRuntime, now: float) -> bool:
@@ -233,7 +234,8 @@ class Reconciler:
 
     def _scale_down(self, entity: EntityRuntime, count: int) -> None:
         """Take `count` replicas out of service: starting ones first, then the newest."""
-        order = sorted(entity.replicas.values(), key=lambda r: (r.phase is ReplicaPhase.READY, r.started_at))
+        newest_first = reversed(list(entity.replicas.values()))
+        order = sorted(newest_first, key=lambda r: (r.phase is ReplicaPhase.READY, -r.started_at))
         victims = [r.handle.id for r in order[:count]]
         for rid in victims:
             del entity.replicas[rid]
