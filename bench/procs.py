@@ -135,12 +135,14 @@ class BerthServer:
     def log_path(self) -> Path:
         return self.workdir / "berth-server.log"
 
-    def start(self) -> None:
+    def start(self, **settings: str) -> None:
+        """Start the server; `settings` are extra `BERTH_*` variables (e.g. `BERTH_REPLICA_FORK="0"`)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_dir = self.workdir / "config"
         creds = config_dir / "credentials.json"
         creds.unlink(missing_ok=True)
-        env = clean_env(BERTH_CONFIG_DIR=str(config_dir), BERTH_ADMIN_TOKEN=f"bench_{secrets.token_hex(16)}")
+        env = clean_env(BERTH_CONFIG_DIR=str(config_dir), BERTH_ADMIN_TOKEN=f"bench_{secrets.token_hex(16)}",
+                        **settings)
         cmd = [sys.executable, "-m", "berth", "server", "--port", "0", "--data-dir", str(self.workdir / "data")]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -213,15 +215,17 @@ class BerthServer:
     def gateway(self) -> list[psutil.Process]:
         return self.processes()[:1]
 
-    def replicas(self, model_path: Path | None = None) -> list[psutil.Process]:
-        """The gateway's replica processes (`berth.replica` in the command line), of one model if given."""
+    def replicas(self, model_path: Path | None = None, kind: str = "--replica-id") -> list[psutil.Process]:
+        """The server's replica processes, of one model if given (`kind="--template"`: its templates).
+
+        Forked and warm-pool replicas retitle themselves: their command line is one string."""
         found = []
         for proc in self.processes()[1:]:
             try:
-                cmdline = proc.cmdline()
+                cmdline = " ".join(proc.cmdline()).split()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if "berth.replica" not in cmdline:
+            if "berth.replica" not in cmdline or kind not in cmdline:
                 continue
             if model_path is not None and str(model_path) not in cmdline:
                 continue
@@ -239,7 +243,7 @@ class BerthServer:
         for pid in self.replica_pids:  # replicas run in their own sessions: end any survivor
             try:
                 proc = psutil.Process(pid)
-                if "berth.replica" in proc.cmdline():
+                if "berth.replica" in " ".join(proc.cmdline()):
                     proc.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue

@@ -387,6 +387,9 @@ def run_benchmark(cfg: Config, workdir: Path, stack: ExitStack) -> Report:
         report.rss.setdefault("berth gateway", Rss()).sample(berth.gateway(), idle=idle)
         for name, path in model_paths.items():
             report.rss.setdefault(f"berth replicas {name}", Rss()).sample(berth.replicas(path), idle=idle)
+            # The template the replicas were forked from (shares most of its pages with them).
+            report.rss.setdefault(f"berth template {name}", Rss()).sample(berth.replicas(path, "--template"),
+                                                                          idle=idle)
             report.rss.setdefault(f"mlflow {name} (server tree)", Rss()).sample(mlflow[name].processes(), idle=idle)
 
     sample_rss(idle=True)

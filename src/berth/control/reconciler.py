@@ -33,6 +33,9 @@ from berth.store import ReplicaRecord, Store
 log = logging.getLogger("berth.reconciler")
 
 TICK_S = 0.1
+# While a replica is starting the pass runs this often: a forked replica is ready within ~20 ms, and
+# a request may be waiting for it (the readiness check is one connect to a local socket).
+STARTING_TICK_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,13 @@ class Reconciler:
             except Exception:  # one bad pass must not stop the loop
                 log.exception("reconcile pass failed")
             self._wake.clear()
+            tick = STARTING_TICK_S if self._starting() else TICK_S
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+                await asyncio.wait_for(self._wake.wait(), tick)
+
+    def _starting(self) -> bool:
+        return any(r.phase is ReplicaPhase.STARTING
+                   for ep in self.endpoints.values() for e in ep.entities() for r in e.replicas.values())
 
     # Endpoints
     def add(self, endpoint: EndpointRuntime) -> None:
