@@ -29,3 +29,36 @@ def child_setup(parent_pid: int, memory_limit_bytes: int = 0) -> Callable[[], No
                 resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
 
     return setup
+
+
+# Children this process waits for itself (Popen objects, adopted replicas). As a child subreaper
+# (`berth.backends.procs.become_subreaper`) it also inherits orphans of its descendants, e.g. the
+# worker processes of a replica that died; nobody else waits for those, so `reap_strays` does.
+_owned: set[int] = set()
+
+
+def own(pid: int) -> None:
+    """Mark `pid` as a child whose exit status its owner collects (never reaped as a stray)."""
+    _owned.add(pid)
+
+
+def disown(pid: int) -> None:
+    _owned.discard(pid)
+
+
+def reap_strays() -> int:
+    """Collect exited children nobody owns; returns how many."""
+    import psutil
+
+    reaped = 0
+    for child in psutil.Process().children():
+        if child.pid in _owned:
+            continue
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                continue
+            if os.waitpid(child.pid, os.WNOHANG)[0] == child.pid:
+                reaped += 1
+        except (psutil.Error, ChildProcessError):
+            continue
+    return reaped

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import cloudpickle
 import httpx
 import mlflow.pyfunc
 import pandas as pd
@@ -27,6 +28,19 @@ from tests.integration.replica_tools import (
     replica_stats,
     replicas_named,
 )
+
+
+class OrphanMakerModel(mlflow.pyfunc.PythonModel):
+    """Starts a short-lived child process per call and answers its pid (the child outlives a killed replica)."""
+
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        import subprocess
+
+        child = subprocess.Popen(["sleep", "0.5"], start_new_session=True)
+        return [child.pid] * len(model_input)
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 PROBE_ROWS = {"dataframe_split": {"columns": list("abcd"), "data": [[0.1, -0.2, 0.3, 0.4], [1.0, 1.0, -1.0, 2.0]]}}
 _SO_ACCEPTCON = 0x10000  # /proc/net/unix flag of a listening socket
@@ -249,3 +263,31 @@ def test_a_held_request_is_answered_503_at_its_deadline(server_factory, model_zo
     # The request woke it anyway: a replica is loading, and it serves once ready.
     poll(lambda: replicas_named(server, "late"), what="the woken replica")
     poll(lambda: server.invoke("late", X_BODY).status_code == 200, timeout=60, interval=0.5, what="served")
+
+
+def test_orphans_of_a_killed_replica_are_reaped_by_the_server(server_factory, tmp_path):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    model = tmp_path / "orphan-maker"
+    mlflow.pyfunc.save_model(str(model), python_model=OrphanMakerModel(), pip_requirements=[],
+                             signature=ModelSignature(inputs=Schema([ColSpec("double", "x")])))
+    server = server_factory()
+    create_and_wait(server, "orphans", [{"name": "orphans", "entity_name": str(model)}])
+    (replica,) = replicas_named(server, "orphans")
+    response = server.invoke("orphans", X_BODY)
+    assert response.status_code == 200, response.text
+    (orphan,) = response.json()["predictions"]
+    os.kill(replica.pid, signal.SIGKILL)
+    # The replica's child is re-parented to the server (a child subreaper); once it exits, the
+    # server collects it instead of leaving a zombie behind.
+    poll(lambda: psutil.Process(orphan).ppid() == server.proc.pid if psutil.pid_exists(orphan) else True,
+         what="the orphan adopted by the server")
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(orphan).ppid() != server.proc.pid
+        except psutil.NoSuchProcess:
+            return True
+
+    poll(gone, timeout=30, interval=0.2, what="the exited orphan reaped")

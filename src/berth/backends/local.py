@@ -41,7 +41,7 @@ import psutil
 from berth.backends.base import ReplicaExit, ReplicaHandle, ReplicaSpec
 from berth.backends.procs import AsyncChannel, Child, become_subreaper, control_pair
 from berth.backends.warmpool import PoolPolicy, WarmPool
-from berth.process import child_setup
+from berth.process import child_setup, reap_strays
 from berth.replica.launch import THREAD_VARS, ReplicaArgs
 
 log = logging.getLogger("berth.backend")
@@ -54,6 +54,7 @@ THREAD_ENV_DEFAULTS = {
 }
 LOG_TAIL_LINES = 30
 DEFAULT_MEMORY_LIMIT_MB = 4096
+REAP_EVERY_S = 5.0
 
 
 @dataclass
@@ -104,6 +105,7 @@ class LocalBackend:
         self._replicas: dict[str, _LocalReplica] = {}
         self._templates: dict[tuple[Any, ...], _Template] = {}
         self._unsafe: dict[tuple[Any, ...], str] = {}  # models whose template said "do not fork me"
+        self._reaper: asyncio.Task[None] | None = None
         self.fork = fork and become_subreaper()
         base_env = {**os.environ, **THREAD_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
         self.pool = (
@@ -113,9 +115,20 @@ class LocalBackend:
         )
 
     def activate(self) -> None:
-        """Start the warm pool's background refill (needs the running event loop)."""
+        """Start the warm pool's background refill and the stray reaper (needs the running event loop)."""
         if self.pool is not None:
             self.pool.start()
+        if self.fork and self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="berth-reaper")
+
+    async def _reap(self) -> None:
+        """As a subreaper this process inherits its replicas' orphans: collect the ones that exit."""
+        while True:
+            await asyncio.sleep(REAP_EVERY_S)
+            try:
+                reap_strays()
+            except Exception:
+                log.exception("reaping stray children failed")
 
     # Backend
     async def start(self, spec: ReplicaSpec) -> ReplicaHandle:
@@ -254,6 +267,8 @@ class LocalBackend:
         return {rid: r.child.pid for rid, r in self._replicas.items() if r.child is not None and r.child.poll() is None}
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         await asyncio.gather(*(self.stop(rid, grace_s=5.0) for rid in list(self._replicas)))
         templates, self._templates = list(self._templates.values()), {}
         await asyncio.gather(*(self._stop_template(t) for t in templates))

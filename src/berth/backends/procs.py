@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from berth.process import disown, own
+
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -38,21 +40,24 @@ class Child:
         self.pid = pid
         self.popen = popen
         self.returncode: int | None = None
+        own(pid)
 
     def poll(self) -> int | None:
         if self.returncode is not None:
             return self.returncode
         if self.popen is not None:
             self.returncode = self.popen.poll()
-            return self.returncode
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:  # not ours (any more): gone, and its status is lost
-            self.returncode = -signal.SIGKILL
-            return self.returncode
-        if pid == 0:
-            return None
-        self.returncode = os.waitstatus_to_exitcode(status)
+        else:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # not ours (any more): gone, and its status is lost
+                self.returncode = -signal.SIGKILL
+            else:
+                if pid == 0:
+                    return None
+                self.returncode = os.waitstatus_to_exitcode(status)
+        if self.returncode is not None:
+            disown(self.pid)
         return self.returncode
 
     def signal(self, sig: int) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from berth.gateway.routing import RoutingTable
-from berth.process import child_setup
+from berth.process import child_setup, own
 
 log = logging.getLogger("berth.gateway")
 
@@ -111,6 +111,7 @@ class GatewayHub:
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=child_setup(os.getpid()), env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+        own(worker.proc.pid)  # its Popen collects its exit status, not berth.process.reap_strays
 
     async def _on_feed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = await reader.readline()  # b"worker N\n"
