@@ -1,12 +1,12 @@
 """Berth's invocations endpoint answers exactly like MLflow's own scoring server.
 
-Every case sends the same request body to `mlflow models serve` (a real subprocess on a free
-loopback port, one per model) and to Berth's gateway (`POST /serving-endpoints/{name}/invocations`
-on the session's shared server), then compares: the HTTP status and Content-Type header; for JSON
-errors every field (`error_code`, `sqlstate`, `error_class` and `message` equal after masking
-memory addresses and set-repr order; `stack_trace` equal but for each server's own call-site
-frames); for 200s the parsed body (floats with approx); for plain-text answers (MLflow's 415s)
-the text itself.
+Every case sends the same request body to MLflow's scoring server (a real subprocess on a free
+loopback port, one per model, run as `mlflow models serve` runs it) and to Berth's gateway
+(`POST /serving-endpoints/{name}/invocations` on the session's shared server), then compares: the
+HTTP status and Content-Type header; for JSON errors every field (`error_code`, `sqlstate`,
+`error_class` and `message` equal after masking memory addresses and set-repr order;
+`stack_trace` equal but for each server's own call-site frames); for 200s the parsed body (floats
+with approx); for plain-text answers (MLflow's 415s) the text itself.
 
 Each case also states the status MLflow is expected to give, so a case cannot silently stop
 testing what its id says (e.g. a "wrong type" body that MLflow happens to accept).
@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import pandas as pd
 import pytest
+from mlflow.pyfunc import scoring_server
 
 from tests.conftest import ServerProcess
 from tests.fixtures.models import FEATURES
@@ -267,7 +268,13 @@ def _free_port() -> int:
 
 @dataclass
 class MlflowServer:
-    """`mlflow models serve -m PATH --env-manager local` in its own process group."""
+    """What `mlflow models serve -m PATH --env-manager local` runs, in its own process group.
+
+    The command and environment come from MLflow itself (`scoring_server.get_cmd`, with the CLI's
+    defaults: 60 s timeout, one worker), run as its local backend runs them (`bash -c "exec uvicorn
+    ... mlflow.pyfunc.scoring_server.app:app"`), without the CLI process in front: importing
+    `mlflow.cli` costs ~3.5 s of CPU per server. The CLI itself is run by the benchmark smoke test.
+    """
 
     model_path: Path
     log_path: Path
@@ -283,14 +290,15 @@ class MlflowServer:
         self.port = _free_port()
         self.attempts += 1
         bin_dir = str(Path(sys.executable).parent)
+        command, command_env = scoring_server.get_cmd(
+            str(self.model_path), port=self.port, host="127.0.0.1", timeout=60, nworkers=1
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BERTH_", "MLFLOW_"))}
+        env.update({k: v for k, v in command_env.items() if os.environ.get(k) != v})  # what get_cmd set
         # The local env manager runs `bash -c "exec uvicorn ..."`: uvicorn must be on PATH.
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
         env["PYTHONUNBUFFERED"] = "1"
-        cmd = [
-            sys.executable, "-m", "mlflow", "models", "serve", "-m", str(self.model_path),
-            "--env-manager", "local", "-p", str(self.port), "-h", "127.0.0.1",
-        ]
+        cmd = ["bash", "-c", f"exec {command}"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -304,7 +312,7 @@ class MlflowServer:
                     # Most likely another process took the free port first: try another one.
                     if self.attempts >= 3:
                         code = self.proc.returncode
-                        raise AssertionError(f"mlflow models serve exited {code}:\n{self.log_tail()}")
+                        raise AssertionError(f"MLflow's scoring server exited {code}:\n{self.log_tail()}")
                     self.start()
                     continue
                 try:
@@ -313,7 +321,7 @@ class MlflowServer:
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"mlflow models serve not ready:\n{self.log_tail()}")
+                    raise AssertionError(f"MLflow's scoring server not ready:\n{self.log_tail()}")
                 time.sleep(0.1)
 
     def stop(self) -> None:
