@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -20,13 +21,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def replicas(model_zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("batching")
-    started = {
-        "classifier": ReplicaProcess(model_zoo("sklearn_classifier"), tmp, max_concurrency=64),
-        "dataframe": ReplicaProcess(model_zoo("dataframe_model"), tmp, max_concurrency=64),
-    }
-    yield started
-    for replica in started.values():
-        replica.stop()
+    models = {"classifier": model_zoo("sklearn_classifier"), "dataframe": model_zoo("dataframe_model")}
+    with ThreadPoolExecutor(len(models)) as pool:  # both replicas load at once
+        futures = {name: pool.submit(ReplicaProcess, model, tmp, max_concurrency=64) for name, model in models.items()}
+    started: dict[str, ReplicaProcess] = {}
+    try:
+        for name, future in futures.items():
+            started[name] = future.result()
+        yield started
+    finally:
+        for replica in started.values():
+            replica.stop()
 
 
 value = st.one_of(
