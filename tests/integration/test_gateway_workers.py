@@ -8,6 +8,7 @@ import asyncio
 import collections
 import os
 import signal
+import ssl
 
 import httpx
 import psutil
@@ -22,6 +23,9 @@ pytestmark = pytest.mark.slow
 CONNECTIONS = 64
 PER_CONNECTION = 8
 BODY = {"dataframe_split": {"columns": FEATURES, "data": [[0.2] * 20]}}
+# httpx builds an SSL context (loading the CA bundle) for every client it makes, ~30 ms each: 64 clients
+# per load cost seconds. These speak plain HTTP, so one context serves them all.
+SSL_CONTEXT = ssl.create_default_context()
 
 
 def requests_total(text: str, endpoint: str) -> float:
@@ -33,7 +37,7 @@ async def load(url: str, token: str, path: str, body: object | None) -> list[tup
     """`CONNECTIONS` clients, each on its own keep-alive connection, `PER_CONNECTION` requests each."""
     async def one_client() -> list[tuple[int, str]]:
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60,
-                                     limits=httpx.Limits(max_connections=1)) as client:
+                                     limits=httpx.Limits(max_connections=1), verify=SSL_CONTEXT) as client:
             out = []
             for _ in range(PER_CONNECTION):
                 r = await (client.post(path, json=body) if body is not None else client.get(path))
@@ -71,7 +75,8 @@ def test_two_gateway_processes_share_the_port_the_metrics_and_the_control_plane(
     assert min(by_gateway.values()) >= 0.25 * len(answers), by_gateway
     # Then: one scrape, wherever it lands, counts what both served.
     for _ in range(6):
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}) as fresh:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.token}"},
+                          verify=SSL_CONTEXT) as fresh:
             scrape = fresh.get("/metrics")
         assert scrape.status_code == 200
         assert requests_total(scrape.text, "shared") - before == len(answers) == CONNECTIONS * PER_CONNECTION
@@ -80,7 +85,8 @@ def test_two_gateway_processes_share_the_port_the_metrics_and_the_control_plane(
     listed = asyncio.run(load(server.url, server.token, "/api/2.0/serving-endpoints", None))
     assert {status for status, _ in listed} == {200}
     assert {name for _, name in listed} == {"0", "1"}
-    unauthorized = [httpx.get(f"{server.url}/api/2.0/serving-endpoints").status_code for _ in range(8)]
+    unauthorized = [httpx.get(f"{server.url}/api/2.0/serving-endpoints", verify=SSL_CONTEXT).status_code
+                    for _ in range(8)]
     assert set(unauthorized) == {401}
 
     # A worker that dies is replaced, and the pair serves on.
