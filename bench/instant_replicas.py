@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.models import build_lr, request_body
 from bench.procs import BenchError, BerthServer, clean_env
@@ -181,7 +182,13 @@ def measure_at_zero(path: str, model: Path, reps: int, workdir: Path) -> list[fl
 
 
 def standby_ready(server: BerthServer) -> bool:
-    return any("--state ready" in " ".join(p.cmdline()) for p in server.processes()[1:])
+    for proc in server.processes()[1:]:
+        try:
+            if "--state ready" in " ".join(proc.cmdline()):
+                return True
+        except psutil.Error:  # gone, or a zombie not yet collected
+            continue
+    return False
 
 
 # 3. Rollout under load
