@@ -196,6 +196,7 @@ def test_warm_pool_grows_after_a_burst_shrinks_when_idle_and_stays_under_its_mem
             await watch(0.2)
         grown = len(pool.standbys)
         target_after_burst = pool.target
+        fits = int(policy.memory_cap_mb // pool.standby_mb)
         taken = pool.take()
         assert taken is not None
         await taken.child.stop(2.0)
@@ -207,14 +208,16 @@ def test_warm_pool_grows_after_a_burst_shrinks_when_idle_and_stays_under_its_mem
             await watch(0.2)
         await pool.close()
         return {"idle": idle, "grown": grown, "target": target_after_burst, "refilled": refilled,
-                "peak_rss": peak_rss, "spawned": pool.spawned}
+                "peak_rss": peak_rss, "spawned": pool.spawned, "fits": fits}
 
     result = asyncio.run(scenario())
     assert result["idle"] == 0  # floor 0 and no demand: no standby
-    # Six were asked for; the cap holds three of ~250 MB, so the pool stopped at three.
-    assert result["grown"] == result["target"] == 3, result
-    assert result["refilled"] == 3, result
-    assert result["spawned"] == 4, result
+    # Six were asked for; the cap holds two or three standbys (~250-300 MB each, by environment), so
+    # the pool stopped there.
+    assert 2 <= result["fits"] < 6, result
+    assert result["grown"] == result["target"] == result["fits"], result
+    assert result["refilled"] == result["fits"], result
+    assert result["spawned"] == result["fits"] + 1, result
     assert result["peak_rss"] <= 800, result
 
 

@@ -330,6 +330,7 @@ class LocalBackend:
         if replica.stopped:
             return
         if template.state == "failed":
+            shutil.copyfile(template.log_path, replica.log_path)  # its build log: why the model did not load
             code = template.child.poll()
             replica.exit = ReplicaExit(returncode=code if code is not None else -signal.SIGKILL,
                                        log_tail=_tail(template.log_path, LOG_TAIL_LINES))

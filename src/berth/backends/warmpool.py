@@ -114,6 +114,11 @@ class WarmPool:
         return None
 
     @property
+    def standby_mb(self) -> float:
+        """The standbys' RSS as last measured (a guess before the first one is ready)."""
+        return self._standby_mb
+
+    @property
     def target(self) -> int:
         return pool_target(list(self.demand), time.monotonic(), self.policy, self._standby_mb)
 
