@@ -271,13 +271,13 @@ def render(report: Report) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.instant_replicas")
     parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--smoke", action="store_true", help="2 samples each, a short rollout: seconds, not minutes")
+    parser.add_argument("--smoke", action="store_true", help="2 starts a path, 1 at zero, a short rollout")
     parser.add_argument("--rate", type=float, default=300.0, help="open-loop rate of the rollout load")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of each rollout load")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     reps = 2 if args.smoke else args.reps
-    duration = 6.0 if args.smoke else args.duration
+    duration = 4.0 if args.smoke else args.duration
     rate = 100.0 if args.smoke else args.rate
     report = Report(reps=reps)
     with tempfile.TemporaryDirectory(prefix="berth-bench-instant-") as tmp:
@@ -287,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"scale-up, {path} path: {reps} starts")
             report.start_ms[path] = asyncio.run(measure_path(path, v1, reps, work / "logs"))
         report.load_ms = measure_load(v1, max(2, reps // 3))
+        zero_reps = 1 if args.smoke else min(reps, 5)
         for path in ("fork", "warm"):
-            log(f"first request at zero, {path} path: {min(reps, 5)} times")
-            report.at_zero_ms[path] = measure_at_zero(path, v1, min(reps, 5), work)
+            log(f"first request at zero, {path} path: {zero_reps} times")
+            report.at_zero_ms[path] = measure_at_zero(path, v1, zero_reps, work)
         report.rollout = measure_rollout(v1, v2, rate, duration, work)
     print(render(report))
     ok = report.rollout["rollout"]["failed"] == 0 and report.rollout["steady"]["failed"] == 0
