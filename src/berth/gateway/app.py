@@ -112,20 +112,24 @@ class Gateway:
         that has one, up to `hold_timeout_s`."""
         gone: set[str] = set()  # replicas that refused the connection: the request never reached them
         held_since: float | None = None
+        replicas = choice.replicas
         while True:
-            replicas = tuple(r for r in choice.replicas if r[0] not in gone and r[0] in self.upstreams)
+            if gone:
+                replicas = tuple(r for r in replicas if r[0] not in gone)
             if not replicas:
                 if held_since is None:
                     held_since = time.perf_counter()
                 held = await self._hold(name, choice, gone, held_since)
                 if isinstance(held, BerthError):
                     return held
-                choice = held
+                choice, replicas = held, held.replicas
                 continue
             replica_id, _ = choose_replica(replicas, self._outstanding)
+            upstream = self.upstreams.get(replica_id)
             try:
-                return await self.upstreams[replica_id].request(b"/invocations", body, content_type,
-                                                                self.request_timeout_s)
+                if upstream is None:  # removed from the table while the body was read
+                    raise UpstreamError("replica was removed", delivered=False)
+                return await upstream.request(b"/invocations", body, content_type, self.request_timeout_s)
             except UpstreamError as exc:
                 if not exc.delivered:  # the replica is gone: another one may take it
                     gone.add(replica_id)
