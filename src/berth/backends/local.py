@@ -231,13 +231,7 @@ class LocalBackend:
             await self._stop_template(template)
 
     def logs(self, replica_id: str, max_lines: int = 200) -> str:
-        path = self.log_dir / f"{replica_id}.log"
-        try:
-            with open(path, "rb") as f:
-                lines = deque(f, maxlen=max_lines)
-        except FileNotFoundError:
-            return ""
-        return b"".join(lines).decode("utf-8", errors="replace")
+        return _tail(self.log_dir / f"{replica_id}.log", max_lines)
 
     def path_of(self, replica_id: str) -> str | None:
         """How a replica started (fork, warm or fresh): for metrics, tests and benchmarks."""
