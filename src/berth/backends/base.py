@@ -20,6 +20,7 @@ class ReplicaSpec:
     max_concurrency: int = 16
     environment_vars: dict[str, str] = field(default_factory=dict)
     memory_limit_mb: int = 4096
+    entity_uid: str = ""  # one served entity of one config lineage: replicas with the same uid may share a template
 
 
 @dataclass(frozen=True)

@@ -311,7 +311,9 @@ class LocalBackend:
                 log.warning("replicas of %s start without forking: %s", template.key[:2], template.reason)
         else:
             template.state = "failed"
-            await template.child.wait(10.0)
+            template.channel.close()
+            if not await template.child.wait(10.0):
+                await template.child.stop(grace_s=2.0)
         template.loaded.set()
         if template.state != "ready":
             if self._templates.get(template.key) is template:
@@ -320,6 +322,16 @@ class LocalBackend:
                 await self._stop_template(template)
 
     async def _fork_from(self, template: _Template, replica: _LocalReplica) -> None:
+        try:
+            await self._fork_or_fall_back(template, replica)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # e.g. the template or a standby died mid-handshake: the replica failed to start
+            log.exception("starting replica %s failed", replica.handle.id)
+            if replica.child is None:
+                replica.exit = ReplicaExit(returncode=1, log_tail=f"starting the replica failed: {exc!r}")
+
+    async def _fork_or_fall_back(self, template: _Template, replica: _LocalReplica) -> None:
         await template.loaded.wait()
         if replica.stopped:
             return
@@ -404,9 +416,10 @@ class LocalBackend:
 
 
 def _template_key(spec: ReplicaSpec) -> tuple[Any, ...]:
-    """Replicas that may fork from one template: same entity, model, environment and memory limit."""
+    """Replicas that may fork from one template: the same served entity (a new version or a new entity
+    gets a template of its own, even from a rewritten model directory), environment and memory limit."""
     return (spec.endpoint_name, spec.entity_name, spec.model_uri, spec.runtime,
-            tuple(sorted(spec.environment_vars.items())), spec.memory_limit_mb)
+            tuple(sorted(spec.environment_vars.items())), spec.memory_limit_mb, spec.entity_uid)
 
 
 def _tail(path: Path, lines: int) -> str:

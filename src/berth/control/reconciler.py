@@ -197,6 +197,9 @@ class Reconciler:
                     await self._stop_entities([entity], grace_s=2.0, keep_state=True)
                     return True
 
+        if entity.at_zero and not entity.spec.scale_to_zero_enabled:  # turned off while at zero
+            entity.at_zero = False
+            changed = True
         if (entity.spec.scale_to_zero_enabled and not entity.at_zero and entity.ready_replicas
                 and now >= entity.next_idle_check):
             changed |= await self._check_idle(entity, now)
@@ -247,13 +250,17 @@ class Reconciler:
         victims = [r.handle.id for r in order[:count]]
         for rid in victims:
             del entity.replicas[rid]
+        self.publish_routes()  # out of the table before the settle period starts
         self._in_background(self._stop_replicas(victims, grace_s=30.0, settle=True))
 
     async def _apply_concurrency(self, entity: EntityRuntime) -> None:
         want = entity.plan.per_replica_concurrency
-        for replica in entity.ready_replicas:
-            if replica.concurrency != want and await self.backend.configure(replica.handle.id, want):
-                replica.concurrency = want
+        stale = [r for r in entity.ready_replicas if r.concurrency != want]
+        if stale:
+            done = await asyncio.gather(*(self.backend.configure(r.handle.id, want) for r in stale))
+            for replica, ok in zip(stale, done, strict=True):
+                if ok:
+                    replica.concurrency = want
 
     def _on_exit(self, entity: EntityRuntime, replica: ReplicaState, exit_info: ReplicaExit, now: float) -> None:
         tail = exit_info.log_tail.strip()
@@ -287,6 +294,7 @@ class Reconciler:
             max_concurrency=entity.plan.per_replica_concurrency,
             environment_vars=entity.spec.environment_vars,
             memory_limit_mb=self.memory_limit_mb,
+            entity_uid=entity.uid,
         )
 
     async def _start_replica(self, entity: EntityRuntime) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,7 @@ class EntityRuntime:
     last_active: float = field(default_factory=time.monotonic)  # when a replica last had work
     served: int = -1  # requests its replicas had answered at the last idle check
     next_idle_check: float = 0.0
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # never shared by two entities
 
     @property
     def ready_replicas(self) -> list[ReplicaState]:

@@ -8,7 +8,6 @@ everything else goes to the control plane's app.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +36,7 @@ INVOCATIONS_PREFIX = "/serving-endpoints/"
 INVOCATIONS_SUFFIX = "/invocations"
 _HEALTH_HEADERS = [(b"content-type", JSON)]
 _NOT_FOUND = b'{"error_code":"NOT_FOUND","message":"Not found"}'
+HOLD_RETRY_S = 0.25  # a held request looks again at least this often, even with no new routing table
 
 
 class Gateway:
@@ -148,20 +148,17 @@ class Gateway:
         if it is at zero. Answers an error after `hold_timeout_s`, or when the entity failed."""
         deadline = since + self.hold_timeout_s
         loop = asyncio.get_running_loop()
+        waited = False
+        remaining = self.hold_timeout_s
         while True:
-            if entity.status is EntityStatus.ZERO and self.on_demand is not None:
-                self.on_demand(name, entity.name)
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return TemporarilyUnavailable(
-                    f"Served entity '{entity.name}' of endpoint '{name}' had no ready replica for "
-                    f"{self.hold_timeout_s:g} s; retry shortly.",
-                    retry_after=1,
-                )
-            if self._routes_changed is None:
-                self._routes_changed = loop.create_future()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._routes_changed), remaining)
+            if waited:
+                if self._routes_changed is None:
+                    self._routes_changed = loop.create_future()
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._routes_changed), min(remaining, HOLD_RETRY_S))
+                except TimeoutError:
+                    gone.clear()  # no news: a replica that refused may take it now (e.g. a full backlog)
+            waited_once, waited = waited, True
             route = self.table.endpoints.get(name)
             if route is None:
                 return ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
@@ -175,8 +172,18 @@ class Gateway:
                 return failed(name, current)
             entity = current
             if any(r[0] not in gone for r in entity.replicas):
-                self.metrics.held.labels(name, entity.name).observe(time.perf_counter() - since)
+                if waited_once:  # it did wait: record how long
+                    self.metrics.held.labels(name, entity.name).observe(time.perf_counter() - since)
                 return entity
+            if entity.status is EntityStatus.ZERO and self.on_demand is not None:
+                self.on_demand(name, entity.name)
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return TemporarilyUnavailable(
+                    f"Served entity '{entity.name}' of endpoint '{name}' had no ready replica for "
+                    f"{self.hold_timeout_s:g} s; retry shortly.",
+                    retry_after=1,
+                )
 
     def _record(self, endpoint: str, entity: str, status: int, read_at: float, outcome: object) -> None:
         done = time.perf_counter()

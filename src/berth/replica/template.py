@@ -44,12 +44,38 @@ def fork_safety() -> tuple[bool, str]:
     if threading.active_count() > 1:
         names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())
         return False, f"the model started Python threads ({names})"
+    native = _native_threads()
+    if native:
+        return False, f"the model's native libraries started threads ({', '.join(native)})"
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch is not None and torch.cuda.is_initialized():  # is_available() would initialise the driver itself
         return False, "the model initialised CUDA"
     if "tensorflow" in sys.modules:
         return False, "TensorFlow's runtime is not fork-safe"
     return True, ""
+
+
+# Native threads known to survive a fork: jemalloc (bundled by pyarrow and others) restarts its
+# background thread in the child through its own atfork handlers.
+FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
+
+
+def _native_threads() -> list[str]:
+    """Names of the threads besides the main one that no fork handler takes care of (onnxruntime,
+    tokenizers, TBB...): a child would inherit their locks but not the threads."""
+    me = str(threading.get_native_id())
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        if tid == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name not in FORK_SAFE_THREADS:
+            names.append(name)
+    return names
 
 
 def run_template(model_uri: str, name: str, channel: Channel, thread_env: dict[str, str]) -> int:
@@ -150,12 +176,19 @@ def _become_replica(scorer: Any, args: ReplicaArgs, log_path: str, parents: tupl
 
 
 def _close_inherited_sockets() -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2:
-            continue
-        try:
-            if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                os.close(fd)
-        except OSError:
-            continue
+    """Put /dev/null in place of every inherited socket: the connection is gone from this process,
+    and its fd number stays taken (a model object that still holds it writes nowhere, never into a
+    socket this replica opens later)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd <= 2 or fd == null:
+                continue
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.dup2(null, fd)
+            except OSError:
+                continue
+    finally:
+        os.close(null)
