@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ import orjson
 import psutil
 
 from berth.backends.base import ReplicaExit, ReplicaHandle, ReplicaSpec
-from berth.backends.procs import AsyncChannel, Child, become_subreaper, control_pair
+from berth.backends.procs import AsyncChannel, Child, become_subreaper, control_pair, spawn
 from berth.backends.warmpool import PoolPolicy, WarmPool
 from berth.process import child_setup, reap_strays
 from berth.replica.launch import THREAD_VARS, ReplicaArgs
@@ -293,10 +292,10 @@ class LocalBackend:
                    "--name", spec.entity_name, "--control-fd", str(theirs.fileno()),
                    "--thread-env", json.dumps(thread_env)]
             try:
-                popen = self._popen(cmd, log_path, env, memory_limit, pass_fds=(theirs.fileno(),))
+                child = spawn(cmd, log_path, env, child_setup(os.getpid(), memory_limit), pass_fds=(theirs.fileno(),))
             finally:
                 theirs.close()
-            template = _Template(key, Child(popen.pid, popen), await AsyncChannel.open(ours), log_path)
+            template = _Template(key, child, await AsyncChannel.open(ours), log_path)
         self._templates[key] = template
         asyncio.get_running_loop().create_task(self._await_template(template))
         return template
@@ -400,19 +399,9 @@ class LocalBackend:
         cmd = [self.python, "-m", "berth.replica", "--model-uri", spec.model_uri, "--socket", replica.socket_path,
                "--replica-id", replica.handle.id, "--name", spec.entity_name,
                "--max-concurrency", str(spec.max_concurrency)]
-        popen = self._popen(cmd, replica.log_path, env, memory_limit)
-        replica.child, replica.path = Child(popen.pid, popen), "fresh"
-        replica.handle = ReplicaHandle(replica.handle.id, replica.handle.address, popen.pid)
-
-    def _popen(self, cmd: list[str], log_path: Path, env: dict[str, str], memory_limit: int,
-               pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-        # On the event loop's thread on purpose: PR_SET_PDEATHSIG fires when the thread that forked
-        # exits, so a worker thread would take the process down with it.
-        with open(log_path, "ab") as out:
-            return subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=child_setup(os.getpid(), memory_limit), pass_fds=pass_fds,
-            )
+        replica.child = spawn(cmd, replica.log_path, env, child_setup(os.getpid(), memory_limit))
+        replica.path = "fresh"
+        replica.handle = ReplicaHandle(replica.handle.id, replica.handle.address, replica.child.pid)
 
 
 def _template_key(spec: ReplicaSpec) -> tuple[Any, ...]:

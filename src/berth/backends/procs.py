@@ -16,6 +16,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -113,6 +115,20 @@ class AsyncChannel:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
+
+
+def spawn(cmd: list[str], log_path: Path, env: dict[str, str], preexec: Callable[[], None],
+          pass_fds: tuple[int, ...] = ()) -> Child:
+    """Start `cmd` in its own session, output appended to `log_path`, `preexec` between fork and exec.
+
+    Call it on the event loop's thread: PR_SET_PDEATHSIG (in `berth.process.child_setup`) fires when
+    the thread that forked exits, so a worker thread would take the process down with it."""
+    with open(log_path, "ab") as out:
+        popen = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, preexec_fn=preexec, pass_fds=pass_fds,
+        )
+    return Child(popen.pid, popen)
 
 
 def control_pair() -> tuple[socket.socket, socket.socket]:

@@ -17,7 +17,6 @@ import bisect
 import contextlib
 import logging
 import os
-import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from berth.backends.procs import AsyncChannel, Child, control_pair
+from berth.backends.procs import AsyncChannel, Child, control_pair, spawn
 
 log = logging.getLogger("berth.warmpool")
 
@@ -184,16 +183,11 @@ class WarmPool:
         log_path = self.log_dir / f"standby-{self.spawned}-{os.getpid()}.log"
         cmd = [self.python, "-m", "berth.replica", "--standby", "--control-fd", str(theirs.fileno())]
         try:
-            # On the event loop's thread: PR_SET_PDEATHSIG fires when the thread that forked exits.
-            with open(log_path, "ab") as out:  # noqa: ASYNC230
-                popen = subprocess.Popen(  # noqa: ASYNC220
-                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                    start_new_session=True, preexec_fn=self.preexec, pass_fds=(theirs.fileno(),),
-                )
+            child = spawn(cmd, log_path, self.env, self.preexec, pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
         self.spawned += 1
-        standby = Standby(Child(popen.pid, popen), await AsyncChannel.open(ours), log_path)
+        standby = Standby(child, await AsyncChannel.open(ours), log_path)
         self.standbys.append(standby)
         asyncio.get_running_loop().create_task(self._await_ready(standby))
 
