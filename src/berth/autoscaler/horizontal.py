@@ -1,0 +1,59 @@
+"""The horizontal axis: how many replicas, from concurrent demand.
+
+Demand counts what admission hides: requests the replicas hold, those waiting in front of them,
+and capacity refusals turned into concurrency (429s per second × latency). The target is a
+utilisation fraction of each replica's concurrency, so replicas are added before the cap is hit.
+Scale-up looks at the last `up_window` and may at most double what the latest demand needs (or
+add `up_limit_min` replicas); scale-down happens only when every recommendation of the last
+`down_window` was that low (HPA's max-of-window stabilisation), so a dip does not shed capacity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from berth.autoscaler.settings import AutoscalerSettings
+from berth.autoscaler.signals import Sample, mean, since
+
+
+def per_replica_target(concurrency: int, settings: AutoscalerSettings) -> float:
+    """Demand one replica should carry: a fraction of its concurrency cap."""
+    return max(1e-9, settings.target_utilisation * max(1, concurrency))
+
+
+def replicas_for(demand: float, concurrency: int, settings: AutoscalerSettings) -> int:
+    """The HPA formula against the per-replica target: ceil(demand ÷ target)."""
+    if demand <= 0:
+        return 0
+    return math.ceil(demand / per_replica_target(concurrency, settings) - 1e-9)
+
+
+def window_demand(samples: Sequence[Sample], now: float, window_s: float) -> float:
+    """Mean concurrent demand over the trailing window."""
+    return mean([s.demand for s in since(samples, now - window_s)])
+
+
+def scale_up(current: int, demand: float, latest: float, concurrency: int, settings: AutoscalerSettings) -> int:
+    """Replicas after one scale-up cycle: the recommendation, capped relative to the current load.
+
+    `demand` is the window mean, `latest` the last sample's demand. Within the tolerance band of the
+    current provisioning nothing changes.
+    """
+    wanted = replicas_for(demand, concurrency, settings)
+    if wanted <= current:
+        return current
+    if current > 0:
+        ratio = demand / (current * per_replica_target(concurrency, settings))
+        if ratio <= 1 + settings.tolerance:
+            return current
+    limit = max(math.ceil(settings.up_limit_factor * replicas_for(latest, concurrency, settings)),
+                current + settings.up_limit_min)
+    return min(wanted, limit)
+
+
+def scale_down(current: int, recommendations: Sequence[int]) -> int:
+    """Replicas after one scale-down cycle: the highest recommendation of the stabilisation window."""
+    if not recommendations:
+        return current
+    return min(current, max(recommendations))

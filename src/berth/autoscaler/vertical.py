@@ -1,0 +1,104 @@
+"""The vertical axis: how many requests each replica admits, from what the model shows.
+
+Every `vertical_period` the replicas' signals over that period are compared with stable
+thresholds: latency relative to the model's uncontended latency, memory, CPU, and whether the
+replicas use the concurrency they have. Stressed (latency or memory over the stress threshold)
+cuts the per-replica concurrency at once by `down_step`; relaxed (latency and CPU well under their
+thresholds, concurrency in use) for `stable_cycles` periods in a row raises it by `up_step`. Between
+the two bands nothing moves, so a signal sitting at a threshold does not make it oscillate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from berth.autoscaler.settings import AutoscalerSettings
+from berth.autoscaler.signals import Sample, mean
+
+
+@dataclass(frozen=True, slots=True)
+class VerticalSignals:
+    """One vertical period of one served entity."""
+
+    latency_s: float | None  # mean replica latency of completed requests
+    uncontended_s: float | None  # the model's latency with little concurrency (learned)
+    cpu: float | None
+    memory: float | None
+    utilisation: float  # mean in-flight per replica ÷ per-replica concurrency
+    queued: float  # mean requests waiting in front of the replicas
+    rejected: int
+
+    @property
+    def latency_ratio(self) -> float | None:
+        if self.latency_s is None or not self.uncontended_s:
+            return None
+        return self.latency_s / self.uncontended_s
+
+
+def signals(samples: Sequence[Sample], uncontended_s: float | None) -> VerticalSignals:
+    """Summarise one period's samples (those with ready replicas)."""
+    live = [s for s in samples if s.ready > 0]
+    done = [s for s in live if s.completed > 0 and s.latency_s is not None]
+    total = sum(s.completed for s in done)
+    latency = sum(s.latency_s * s.completed for s in done) / total if total else None  # type: ignore[operator]
+    cpus = [s.cpu for s in live if s.cpu is not None]
+    mems = [s.memory for s in live if s.memory is not None]
+    return VerticalSignals(
+        latency_s=latency,
+        uncontended_s=uncontended_s,
+        cpu=mean(cpus) if cpus else None,
+        memory=max(mems) if mems else None,
+        utilisation=mean([s.in_flight / (s.ready * max(1, s.concurrency)) for s in live]),
+        queued=mean([s.queued for s in live]),
+        rejected=sum(s.rejected for s in live),
+    )
+
+
+def classify(sig: VerticalSignals, settings: AutoscalerSettings) -> str:
+    """'stressed', 'relaxed' or 'steady' for one period."""
+    ratio = sig.latency_ratio
+    if sig.memory is not None and sig.memory >= settings.stress_memory:
+        return "stressed"
+    if ratio is not None and ratio >= settings.stress_latency_ratio:
+        return "stressed"
+    if ratio is None or ratio > settings.relaxed_latency_ratio:
+        return "steady"
+    if sig.cpu is not None and sig.cpu > settings.relaxed_cpu:
+        return "steady"
+    if sig.utilisation < 0.5 * settings.target_utilisation:
+        return "steady"  # the replicas do not use what they have: raising it tells nothing
+    return "relaxed"
+
+
+def next_concurrency(current: int, verdict: str, streak: int, ceiling: int, settings: AutoscalerSettings) -> int:
+    """Per-replica concurrency after a period with `verdict`, seen `streak` periods in a row."""
+    floor = settings.min_concurrency
+    ceiling = max(floor, min(ceiling, settings.max_concurrency))
+    if verdict == "stressed":
+        return max(floor, min(current - 1, math.floor(current * (1 - settings.down_step))))
+    if verdict == "relaxed" and streak >= settings.stable_cycles:
+        return min(ceiling, max(current + 1, math.floor(current * (1 + settings.up_step))))
+    return min(max(current, floor), ceiling)
+
+
+def uncontended(previous: float | None, samples: Sequence[Sample], settings: AutoscalerSettings) -> float | None:
+    """Update the estimate of the model's uncontended latency from one period's samples.
+
+    A sample where replicas held at most one request each measures it directly; failing that, the
+    lowest latency seen is an upper bound. The estimate follows the lowest of recent periods and
+    drifts up slowly (×1.1 a period) when a model got slower for good, so a new version re-bases.
+    """
+    direct = [s.latency_s for s in samples
+              if s.latency_s is not None and s.completed and s.ready and s.in_flight <= s.ready]
+    seen = [s.latency_s for s in samples if s.latency_s is not None and s.completed]
+    if direct:
+        low = min(direct)
+    elif seen:
+        low = min(seen)
+    else:
+        return previous
+    if previous is None or low < previous:
+        return low
+    return min(low, previous * 1.1)
