@@ -7,6 +7,7 @@ import contextlib
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -211,6 +212,41 @@ def endpoints_delete(name: str, host: HostOpt = None, token: TokenOpt = None) ->
     """Delete an endpoint and stop its replicas."""
     _call(host, token, "DELETE", f"/{name}")
     console.print(f"Deleted endpoint {name}.")
+
+
+@endpoints_app.command("decisions")
+def endpoints_decisions(
+    name: str,
+    served_entity: Annotated[str | None, typer.Option("--served-entity", help="Only this served entity.")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="How many of the newest decisions.")] = 20,
+    changes: Annotated[bool, typer.Option("--changes", help="Only decisions that changed something.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decisions as JSON.")] = False,
+    host: HostOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Show the autoscaler's recent decisions for an endpoint, with their inputs and reasons."""
+    query = f"?limit={limit}" + (f"&served_entity_name={served_entity}" if served_entity else "")
+    rows = _call(host, token, "GET", f"/{name}/autoscaler/decisions{query}").get("decisions", [])
+    if changes:
+        rows = [d for d in rows if d["desired"] != d["previous"] or d["concurrency"] != d["previous_concurrency"]]
+    if as_json:
+        _print_json(rows)
+        return
+    for d in rows:
+        when = time.strftime("%H:%M:%S", time.localtime(d["t"]))
+        move = f"{d['previous']}x{d['previous_concurrency']} -> {d['desired']}x{d['concurrency']}"
+        typer.echo(f"{when}\t#{d['cycle']}\t{d['served_entity_name']}\t{d['axis']}\t{move}\t{d['reason']}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def simulate(ctx: typer.Context) -> None:
+    """Run the trace-driven autoscaling simulator (berth vs HPA, KPA, Ray Serve): tables, CSV and plots.
+
+    Every option goes to the simulator; `berth simulate --help` lists them.
+    """
+    from berth.simulator.cli import main as simulate_main
+
+    raise typer.Exit(simulate_main(list(ctx.args)))
 
 
 @app.command()

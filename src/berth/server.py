@@ -18,10 +18,12 @@ from pathlib import Path
 
 import uvicorn
 
+from berth.autoscaler import AutoscalerSettings
 from berth.backends.local import LocalBackend
 from berth.backends.warmpool import PoolPolicy
 from berth.client.credentials import Credentials, read_credentials, write_credentials
 from berth.control.api import build_control_app
+from berth.control.autoscaling import AutoscalingLoop
 from berth.control.reconciler import CrashPolicy, Reconciler
 from berth.control.service import EndpointService
 from berth.gateway.app import Gateway, RootApp
@@ -84,9 +86,21 @@ class Platform:
             on_routes=self._set_routes,
             on_persist=lambda ep: self.service.persist(ep),
             settle_s=settings.drain_settle_s,
-            scale_to_zero_idle_s=settings.scale_to_zero_idle_s,
         )
-        self.service = EndpointService(self.store, self.reconciler, cores=settings.cores)
+        scale = settings.autoscale_time_scale
+        self.autoscaling = AutoscalingLoop(
+            self.reconciler,
+            self.store,
+            # The idle period is set directly (not time-scaled): it is the one users name.
+            AutoscalerSettings(time_scale=scale, scale_to_zero_idle=settings.scale_to_zero_idle_s / scale),
+            vertical=settings.replica_concurrency <= 0,
+            memory_limit_mb=settings.replica_memory_limit_mb,
+            held=lambda endpoint, entity: self.gateway.holding.get((endpoint, entity), 0),
+            metrics=self.metrics,
+        )
+        self.service = EndpointService(self.store, self.reconciler, cores=settings.cores,
+                                       replica_concurrency=settings.replica_concurrency)
+        self.service.autoscaling = self.autoscaling
         self.app = RootApp(
             self.gateway,
             build_control_app(self.service),
@@ -131,6 +145,7 @@ class Platform:
         self.backend.activate()
         self.service.load()
         self.reconciler.start()
+        self.autoscaling.start()
         # Everything imported and built so far lives as long as the server: keep it out of the
         # collector's full passes, which would otherwise pause every request in flight.
         gc.freeze()
@@ -143,6 +158,7 @@ class Platform:
     async def stop(self) -> None:
         if self.hub is not None:
             await self.hub.stop()  # first: they would forward to a control plane going away
+        await self.autoscaling.stop()
         await self.reconciler.stop()
         self.gateway.close()
         await self.backend.close()

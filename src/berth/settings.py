@@ -60,6 +60,10 @@ class Settings:
     hold_timeout_s: float = 60.0
     # An endpoint with scale_to_zero_enabled stops its replicas after this long without a request.
     scale_to_zero_idle_s: float = 1800.0
+    # Every other autoscaler period and window (berth.autoscaler.settings) times this: < 1 for tests and demos.
+    autoscale_time_scale: float = 1.0
+    # > 0: every replica admits exactly this many requests (the vertical axis is off); 0: the model-aware default.
+    replica_concurrency: int = 0
     # A replica leaves the routing table this long before it is sent SIGTERM (all gateways stop using it).
     drain_settle_s: float = 1.0
 

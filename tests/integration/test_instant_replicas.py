@@ -73,14 +73,25 @@ def cmdline(pid: int) -> str:
     return " ".join(psutil.Process(pid).cmdline())
 
 
+def children_with(server, text: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """Live children of the server whose command line contains `text` (zombies and the gone skipped)."""
+    out = []
+    for child in psutil.Process(server.proc.pid).children():
+        try:
+            if text in " ".join(child.cmdline()):
+                out.append(child.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return out
+
+
 def standbys_of(server) -> list[int]:  # type: ignore[no-untyped-def]
     """Warm-pool processes that finished their imports (they retitle themselves then)."""
-    return [c.pid for c in psutil.Process(server.proc.pid).children()
-            if "--standby --state ready" in " ".join(c.cmdline())]
+    return children_with(server, "--standby --state ready")
 
 
 def templates_of(server) -> list[int]:  # type: ignore[no-untyped-def]
-    return [c.pid for c in psutil.Process(server.proc.pid).children() if "--template" in " ".join(c.cmdline())]
+    return children_with(server, "--template")
 
 
 @pytest.mark.slow
@@ -89,7 +100,8 @@ def test_forked_replicas_predict_like_the_model_with_their_own_randomness_thread
 ):
     server = server_factory(extra_env={"BERTH_CORES": "2"})
     model = model_zoo("fork_probe_model")
-    entity = {"name": "probe", "entity_name": str(model), "max_provisioned_concurrency": 32,
+    entity = {"name": "probe", "entity_name": str(model), "min_provisioned_concurrency": 32,
+              "max_provisioned_concurrency": 32,
               "environment_vars": {"OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}}
     view = create_and_wait(server, "probe", [entity])
     assert view["state"]["ready"] == "READY", view
@@ -149,6 +161,7 @@ def test_a_model_that_starts_threads_is_not_forked_its_replicas_come_from_the_wa
     model = model_zoo("thread_at_load_model")
     poll(lambda: len(standbys_of(server)) == 2, timeout=60, what="two ready standbys")
     view = create_and_wait(server, "threads", [{"name": "threads", "entity_name": str(model),
+                                                "min_provisioned_concurrency": 32,
                                                 "max_provisioned_concurrency": 32}])
     assert view["state"]["ready"] == "READY", view
     replicas = poll(lambda: len(replicas_named(server, "threads")) == 2 and replicas_named(server, "threads"),

@@ -139,7 +139,8 @@ def test_killed_replica_is_replaced_and_requests_wait_for_the_replacement(server
 def test_a_replacement_gets_no_traffic_until_it_is_ready(server_factory, model_zoo):
     server = server_factory(extra_env={"BERTH_CORES": "2"})
     model = model_zoo("slow_load_model", seconds=4.0)
-    entity = {"name": "pair", "entity_name": str(model), "max_provisioned_concurrency": 32}
+    entity = {"name": "pair", "entity_name": str(model), "min_provisioned_concurrency": 32,
+              "max_provisioned_concurrency": 32}
     assert create_and_wait(server, "pair", [entity])["state"]["ready"] == "READY"
     victim, survivor = replicas_of(server)  # 32 provisioned on 2 cores: 2 replicas x 16
 

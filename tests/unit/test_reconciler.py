@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
+from berth.autoscaler import AutoscalerSettings
 from berth.backends.base import EXIT_MODEL_LOAD_FAILED, ReplicaExit, ReplicaHandle, ReplicaSpec
+from berth.control.autoscaling import AutoscalingLoop
 from berth.control.reconciler import CrashPolicy, Reconciler
 from berth.control.service import EndpointService
 from berth.control.state import ConfigUpdate, Deployment, Ready
@@ -24,6 +26,7 @@ class FakeBackend:
         self.stopped: list[str] = []
         self.auto_ready = True
         self.served: dict[str, int] = {}  # requests each replica reports in /stats
+        self.in_flight: dict[str, int] = {}
         self.configured: list[tuple[str, int]] = []
         self.released: list[str] = []
 
@@ -44,7 +47,11 @@ class FakeBackend:
         self.stopped.append(replica_id)
 
     async def stats(self, replica_id: str) -> dict[str, int] | None:
-        return {"requests": self.served.get(replica_id, 0), "in_flight": 0, "queued": 0}
+        return {"requests": self.served.get(replica_id, 0), "in_flight": self.in_flight.get(replica_id, 0),
+                "queued": 0}
+
+    def usage(self, replica_id: str) -> tuple[float, int] | None:
+        return None
 
     async def configure(self, replica_id: str, max_concurrency: int) -> bool:
         self.configured.append((replica_id, max_concurrency))
@@ -277,16 +284,21 @@ def test_idle_scale_to_zero_entity_goes_to_zero_and_a_demand_brings_it_back(worl
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         (rid,) = reconciler.endpoints["ep"].active.entities["a"].replicas
+        loop = AutoscalingLoop(reconciler, service.store, AutoscalerSettings(), vertical=False, memory_limit_mb=4096,
+                               held=lambda endpoint, entity: 0, forecast=False)
         # Requests keep coming: never idle, whatever the time.
         for served in range(1, 5):
             backend.served[rid] = served
             clock.t += 1000.0
+            await loop.tick(clock.t)
             await settle()
         assert tables[-1].endpoints["ep"].entities[0].status is EntityStatus.READY
-        clock.t += 1000.0  # one check sees no new request ...
+        clock.t += 1000.0  # one decision sees no new request ...
+        await loop.tick(clock.t)
         await settle()
         assert tables[-1].endpoints["ep"].entities[0].status is EntityStatus.READY
         clock.t += 801.0  # ... and 1,801 s later another one: idle for the whole period
+        await loop.tick(clock.t)
         await settle()
         zero = service.get("ep")
         assert tables[-1].endpoints["ep"].entities[0].status is EntityStatus.ZERO
@@ -311,8 +323,10 @@ def test_idle_scale_to_zero_entity_goes_to_zero_and_a_demand_brings_it_back(worl
 
 def test_lower_bounds_stop_the_newest_replicas_and_new_concurrency_reaches_the_others(world):
     service, reconciler, backend, _clock, _tables = world
-    wide = {"served_entities": [{"entity_name": "/models/a", "name": "a", "max_provisioned_concurrency": 64}]}
-    narrow = {"served_entities": [{"entity_name": "/models/a", "name": "a", "max_provisioned_concurrency": 8}]}
+    wide = {"served_entities": [{"entity_name": "/models/a", "name": "a", "min_provisioned_concurrency": 64,
+                                 "max_provisioned_concurrency": 64}]}
+    narrow = {"served_entities": [{"entity_name": "/models/a", "name": "a", "min_provisioned_concurrency": 8,
+                                   "max_provisioned_concurrency": 8}]}
 
     async def scenario():
         service.create({"name": "ep", "config": wide}, creator="admin")
@@ -332,3 +346,39 @@ def test_lower_bounds_stop_the_newest_replicas_and_new_concurrency_reaches_the_o
     assert backend.configured == [(first[0], 8)]
     assert len(backend.started) == 2  # nothing restarted
     assert service.get("ep")["config"]["served_entities"][0]["max_provisioned_concurrency"] == 8
+
+
+def test_autoscaling_loop_scales_on_demand_and_logs_each_decision(world):
+    """Replicas holding more than the target make the loop raise the entity's replicas; every decision
+    is kept with its inputs, in memory and in the store (read back through the service)."""
+    service, reconciler, backend, clock, _tables = world
+    config = {"served_entities": [{"entity_name": "/models/a", "name": "a", "min_provisioned_concurrency": 0,
+                                   "max_provisioned_concurrency": 32}]}
+
+    async def scenario():
+        service.create({"name": "ep", "config": config}, creator="admin")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        entity = reconciler.endpoints["ep"].active.entities["a"]
+        assert (len(entity.replicas), entity.concurrency) == (1, 16)  # starts at the minimum: 1 of at most 2
+        loop = AutoscalingLoop(reconciler, service.store, AutoscalerSettings(), vertical=False,
+                               memory_limit_mb=4096, held=lambda endpoint, entity: 0, forecast=False)
+        (rid,) = entity.replicas
+        backend.in_flight[rid] = 16  # demand 16 over a target of 0.7 x 16 = 11.2: 2 replicas
+        for _ in range(6):
+            clock.t += 1.0
+            await loop.tick(clock.t)
+            await reconciler.reconcile_once()
+        return entity
+
+    entity = run(scenario())
+    assert entity.desired_replicas == 2
+    assert len(entity.replicas) == 2
+    grew = [d for d in entity.decisions if d.desired > d.previous]
+    assert len(grew) == 1
+    assert grew[0].inputs["target"] == pytest.approx(11.2)
+    logged = service.decisions("ep")["decisions"]
+    assert len(logged) == len(entity.decisions)
+    assert [d["cycle"] for d in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1]["served_entity_name"] == "a"
+    assert any(d["desired"] == 2 and "demand" in d["reason"] for d in logged)

@@ -87,7 +87,7 @@ class Autoscaler:
         while self._means and self._means[0][0] <= now - s.down_window_s:
             self._means.popleft()
         inputs.update(demand=round(demand, 3), latest_demand=round(latest_demand, 3), target=round(target, 3),
-                      concurrency=conc)
+                      concurrency=conc, ready=latest.ready if latest else 0)
         desired = current
         up = horizontal.scale_up(current, demand, latest_demand, conc, s)
         if up > current:
@@ -126,6 +126,10 @@ class Autoscaler:
         if desired == state.desired and conc == state.concurrency:
             axis = "none"
         return decision(desired, conc, "; ".join(reasons) + ".", axis)
+
+    def woken(self) -> None:
+        """The entity was brought back from zero outside a decision (a request was waiting)."""
+        self.last_active = None
 
     def _absorb(self, now: float, fresh: Sequence[Sample]) -> None:
         if self.last_active is None:

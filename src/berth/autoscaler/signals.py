@@ -9,6 +9,7 @@ them and lets unit tests pin them to hand-computed cases.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,16 +48,24 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class Bounds:
-    """Provisioned-concurrency range of a served entity (replicas × per-replica concurrency)."""
+    """Provisioned-concurrency range of a served entity (replicas × per-replica concurrency).
+
+    `max_replicas` (0: none) caps the replica count on its own, e.g. one replica per core for a
+    CPU-bound model on one host.
+    """
 
     min_concurrency: int
     max_concurrency: int
     scale_to_zero: bool = False
+    max_replicas: int = 0
 
     def replica_range(self, per_replica: int) -> tuple[int, int]:
-        """(min, max) replicas at this per-replica concurrency; the min is 1 unless scale to zero is on."""
+        """(min, max) replicas at this per-replica concurrency (enough to reach the maximum, as the
+        plan does), and at least one replica unless scale to zero is on."""
         per_replica = max(1, per_replica)
         high = max(1, math.ceil(self.max_concurrency / per_replica))
+        if self.max_replicas > 0:
+            high = min(high, self.max_replicas)
         low = min(high, math.ceil(self.min_concurrency / per_replica))
         if not self.scale_to_zero:
             low = max(1, low)
@@ -105,7 +114,9 @@ def since(samples: Sequence[Sample], t0: float) -> Sequence[Sample]:
     i = len(samples)
     while i > 0 and samples[i - 1].t > t0:
         i -= 1
-    return samples[i:]
+    if isinstance(samples, list | tuple):
+        return samples[i:]
+    return list(itertools.islice(samples, i, None))  # a deque: no slicing
 
 
 def mean(values: Sequence[float]) -> float:

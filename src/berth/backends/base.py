@@ -70,6 +70,10 @@ class Backend(Protocol):
         """Change how many requests a running replica admits at once; False if it did not take it."""
         ...
 
+    def usage(self, replica_id: str) -> tuple[float, int] | None:
+        """CPU seconds the replica has used so far and its resident memory in bytes, or None."""
+        ...
+
     def exited(self, replica_id: str) -> ReplicaExit | None:
         """The replica's exit, or None while it runs."""
         ...

@@ -102,6 +102,7 @@ class LocalBackend:
         # Unix socket paths are limited to ~107 bytes: keep them short, outside the data dir.
         self.socket_dir = tempfile.mkdtemp(prefix="berth-")
         self._replicas: dict[str, _LocalReplica] = {}
+        self._usage_procs: dict[str, psutil.Process] = {}  # kept: psutil caches what it read once
         self._templates: dict[tuple[Any, ...], _Template] = {}
         self._unsafe: dict[tuple[Any, ...], str] = {}  # models whose template said "do not fork me"
         self._reaper: asyncio.Task[None] | None = None
@@ -210,6 +211,7 @@ class LocalBackend:
 
     async def stop(self, replica_id: str, grace_s: float = 10.0) -> None:
         replica = self._replicas.pop(replica_id, None)
+        self._usage_procs.pop(replica_id, None)
         if replica is None:
             return
         replica.stopped = True
@@ -231,6 +233,21 @@ class LocalBackend:
 
     def logs(self, replica_id: str, max_lines: int = 200) -> str:
         return _tail(self.log_dir / f"{replica_id}.log", max_lines)
+
+    def usage(self, replica_id: str) -> tuple[float, int] | None:
+        replica = self._replicas.get(replica_id)
+        if replica is None or replica.child is None:
+            return None
+        process = self._usage_procs.get(replica_id)
+        try:
+            if process is None or process.pid != replica.child.pid:
+                process = self._usage_procs[replica_id] = psutil.Process(replica.child.pid)
+            with process.oneshot():
+                cpu, memory = process.cpu_times(), process.memory_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            self._usage_procs.pop(replica_id, None)
+            return None
+        return cpu.user + cpu.system, memory.rss
 
     def path_of(self, replica_id: str) -> str | None:
         """How a replica started (fork, warm or fresh): for metrics, tests and benchmarks."""

@@ -87,6 +87,15 @@ def build_control_app(service: EndpointService) -> Starlette:
         media = "application/json" if "application/json" in accept and "text/plain" not in accept else "text/plain"
         return Response(orjson.dumps(doc, option=orjson.OPT_INDENT_2), media_type=media)
 
+    async def metrics(request: Request) -> Response:
+        text = service.metrics(request.path_params["name"])
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def decisions(request: Request) -> Response:
+        q = request.query_params
+        return json_response(service.decisions(request.path_params["name"], q.get("served_entity_name"),
+                                               q.get("limit", "100")))
+
     async def on_berth_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BerthError)
         return error_response(exc)
@@ -111,6 +120,8 @@ def build_control_app(service: EndpointService) -> Starlette:
         Route(BASE + "/{name}/served-models/{served}/logs", logs, methods=["GET"]),
         Route(BASE + "/{name}/served-models/{served}/build-logs", build_logs, methods=["GET"]),
         Route(BASE + "/{name}/openapi", openapi, methods=["GET"]),
+        Route(BASE + "/{name}/metrics", metrics, methods=["GET"]),
+        Route(BASE + "/{name}/autoscaler/decisions", decisions, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

@@ -72,7 +72,6 @@ class Reconciler:
         on_routes: Callable[[RoutingTable], None],
         on_persist: Callable[[EndpointRuntime], None],
         settle_s: float = 1.0,
-        scale_to_zero_idle_s: float = 1800.0,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -84,8 +83,6 @@ class Reconciler:
         # Between taking a replica out of the routing table and stopping it: time for every gateway
         # process to have the new table, so that none sends it a request after its SIGTERM.
         self.settle_s = settle_s
-        self.scale_to_zero_idle_s = scale_to_zero_idle_s
-        self.idle_check_s = min(10.0, scale_to_zero_idle_s / 10)
         self.endpoints: dict[str, EndpointRuntime] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -144,8 +141,9 @@ class Reconciler:
         entity = endpoint.active.entities.get(entity_name) if endpoint and endpoint.active else None
         if entity is None or not entity.at_zero:
             return
-        entity.at_zero = False
-        entity.last_active, entity.served = time.monotonic(), -1
+        entity.at_zero, entity.target = False, None  # back to the plan's first replicas
+        if entity.scaler is not None:
+            entity.scaler.woken()  # a full idle period from now
         entity.message = "Scaling up from zero: a request is waiting."
         self.publish_routes()
         self.wake()
@@ -186,7 +184,6 @@ class Reconciler:
                 if ok:
                     replica.phase = ReplicaPhase.READY
                     replica.ready_at = time.monotonic()
-                    entity.last_active = replica.ready_at  # a new replica gets a full idle period
                     changed = True
                 elif now - replica.started_at > self.start_timeout_s:
                     entity.deployment = Deployment.FAILED
@@ -200,9 +197,6 @@ class Reconciler:
         if entity.at_zero and not entity.spec.scale_to_zero_enabled:  # turned off while at zero
             entity.at_zero = False
             changed = True
-        if (entity.spec.scale_to_zero_enabled and not entity.at_zero and entity.ready_replicas
-                and now >= entity.next_idle_check):
-            changed |= await self._check_idle(entity, now)
         missing = entity.desired_replicas - len(entity.replicas)
         if missing > 0 and now >= entity.next_start_at and not entity.retired:
             for _ in range(missing):
@@ -215,33 +209,12 @@ class Reconciler:
 
         n_ready = len(entity.ready_replicas)
         if entity.desired_replicas and n_ready >= entity.desired_replicas:
-            message = f"Serving with {n_ready} replica(s) x {entity.plan.per_replica_concurrency} concurrent requests."
+            message = f"Serving with {n_ready} replica(s) x {entity.concurrency} concurrent requests."
             if entity.deployment is not Deployment.READY or entity.message != message:
                 entity.deployment, entity.message = Deployment.READY, message
                 entity.ever_ready = True
                 changed = True
         return changed
-
-    async def _check_idle(self, entity: EntityRuntime, now: float) -> bool:
-        """Scale an idle entity to zero: no request answered or in flight for `scale_to_zero_idle_s`."""
-        entity.next_idle_check = now + self.idle_check_s
-        stats = await asyncio.gather(*(self.backend.stats(r.handle.id) for r in entity.ready_replicas))
-        if any(s is None for s in stats):
-            return False  # a replica did not answer: not a time to decide
-        served = sum(int(s["requests"]) + int(s["in_flight"]) + int(s.get("queued", 0)) for s in stats)  # type: ignore[index]
-        if served != entity.served or any(s["in_flight"] for s in stats):  # type: ignore[index]
-            entity.served, entity.last_active = served, now
-            return False
-        if now - entity.last_active < self.scale_to_zero_idle_s:
-            return False
-        entity.at_zero = True
-        entity.served = -1
-        entity.message = (
-            f"Scaled to zero after {self.scale_to_zero_idle_s:g} s without requests; the next request "
-            "starts a replica."
-        )
-        log.info("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message)
-        return True
 
     def _scale_down(self, entity: EntityRuntime, count: int) -> None:
         """Take `count` replicas out of service: starting ones first, then the newest."""
@@ -254,7 +227,7 @@ class Reconciler:
         self._in_background(self._stop_replicas(victims, grace_s=30.0, settle=True))
 
     async def _apply_concurrency(self, entity: EntityRuntime) -> None:
-        want = entity.plan.per_replica_concurrency
+        want = entity.concurrency
         stale = [r for r in entity.ready_replicas if r.concurrency != want]
         if stale:
             done = await asyncio.gather(*(self.backend.configure(r.handle.id, want) for r in stale))
@@ -291,7 +264,7 @@ class Reconciler:
             endpoint_name=entity.endpoint_name,
             entity_name=entity.spec.name,
             model_uri=entity.spec.model_uri,
-            max_concurrency=entity.plan.per_replica_concurrency,
+            max_concurrency=entity.concurrency,
             environment_vars=entity.spec.environment_vars,
             memory_limit_mb=self.memory_limit_mb,
             entity_uid=entity.uid,

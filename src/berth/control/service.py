@@ -6,9 +6,11 @@ before it touches the reconciler, so a failed request leaves nothing half-made.
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any
 
+from berth.control.autoscaling import AutoscalingLoop
 from berth.control.reconciler import Reconciler
 from berth.control.spec import (
     EndpointConfig,
@@ -27,17 +29,21 @@ from berth.control.state import (
     now_ms,
 )
 from berth.errors import InvalidParameterValue, ResourceConflict, ResourceDoesNotExist
+from berth.observability.export import render_endpoint_metrics
 from berth.runtimes import PYFUNC
 from berth.store import EndpointRecord, Store
+from berth.store.db import DECISIONS_KEPT
 
 
 class EndpointService:
     """Create, read, update and delete serving endpoints."""
 
-    def __init__(self, store: Store, reconciler: Reconciler, *, cores: int) -> None:
+    def __init__(self, store: Store, reconciler: Reconciler, *, cores: int, replica_concurrency: int = 0) -> None:
         self.store = store
         self.reconciler = reconciler
         self.cores = cores
+        self.replica_concurrency = replica_concurrency  # > 0: every replica admits this many (no vertical axis)
+        self.autoscaling: AutoscalingLoop | None = None  # set by the platform once built
 
     # Loading after a restart
     def load(self) -> None:
@@ -101,7 +107,7 @@ class EndpointService:
             endpoint.pending, endpoint.config_update, endpoint.last_updated_timestamp = previous
             raise
         for entity, spec, plan in rescale:
-            entity.spec, entity.plan = spec, plan
+            entity.replan(spec, plan)
         self.reconciler.wake()
         return endpoint.view()
 
@@ -128,7 +134,29 @@ class EndpointService:
     async def delete(self, name: str) -> None:
         self._endpoint(name)
         self.store.delete_endpoint(name)
+        self.store.delete_decisions(name)
         await self.reconciler.remove(name)
+
+    def decisions(self, name: str, served_entity_name: str | None = None, limit: Any = 100) -> dict[str, Any]:
+        """The autoscaler's newest decisions for an endpoint (or one served entity), oldest first."""
+        endpoint = self._endpoint(name)
+        if served_entity_name is not None and not any(
+                cfg is not None and served_entity_name in cfg.entities for cfg in (endpoint.active, endpoint.pending)):
+            raise ResourceDoesNotExist(f"Served entity '{served_entity_name}' does not exist in endpoint '{name}'.")
+        try:
+            count = int(limit)
+        except (TypeError, ValueError):
+            count = 0
+        if not 1 <= count <= DECISIONS_KEPT:
+            raise InvalidParameterValue(f"limit must be an integer from 1 to {DECISIONS_KEPT}; got {limit!r}.")
+        return {"decisions": self.store.list_decisions(name, served_entity_name, count)}
+
+    def metrics(self, name: str) -> bytes:
+        """The endpoint's metrics export (Prometheus text, Databricks' names, the last minute)."""
+        endpoint = self._endpoint(name)
+        entities = list(endpoint.active.entities.values()) if endpoint.active is not None else []
+        window = self.autoscaling.window if self.autoscaling is not None else (lambda _e: [])
+        return render_endpoint_metrics(name, [(e.spec.name, window(e)) for e in entities])
 
     def logs(self, name: str, served_model_name: str, *, build: bool = False) -> dict[str, str]:
         """The output of the entity's most recent replica (build logs: its model-load part)."""
@@ -181,6 +209,9 @@ class EndpointService:
         return ConfigRuntime(version=version, config=config, entities=entities), rescale
 
     def _plan(self, spec: ServedEntitySpec) -> ReplicaPlan:
+        if self.replica_concurrency > 0 and spec.max_provisioned_concurrency > 0:
+            fixed = self.replica_concurrency  # as many replicas as the maximum needs, no core cap
+            return ReplicaPlan(math.ceil(spec.max_provisioned_concurrency / fixed), fixed)
         return plan_replicas(
             spec.max_provisioned_concurrency,
             PYFUNC.per_replica_concurrency,
@@ -209,7 +240,7 @@ class EndpointService:
                 continue
             cfg, rescale = self._config_runtime(endpoint, saved["version"], parse_config(saved["config"]))
             for entity, spec, plan in rescale:
-                entity.spec, entity.plan = spec, plan
+                entity.replan(spec, plan)
             cfg.start_time = saved.get("start_time", cfg.start_time)
             for ent_name, ent in cfg.entities.items():
                 state = saved["entities"].get(ent_name, {})

@@ -127,12 +127,19 @@ class EndpointConfig:
 class ReplicaPlan:
     """How many replicas an entity runs and how many requests each admits."""
 
-    replicas: int
+    replicas: int  # at the maximum provisioned concurrency (also the autoscaler's replica cap)
     per_replica_concurrency: int
 
     @property
     def provisioned_concurrency(self) -> int:
         return self.replicas * self.per_replica_concurrency
+
+    def initial_replicas(self, min_provisioned_concurrency: int) -> int:
+        """Replicas to start with: enough for the minimum, at least one, at most the plan's."""
+        if self.replicas <= 0:
+            return 0
+        need = math.ceil(min_provisioned_concurrency / max(1, self.per_replica_concurrency))
+        return min(self.replicas, max(1, need))
 
 
 def validate_endpoint_name(name: Any) -> str:

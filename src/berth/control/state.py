@@ -5,9 +5,11 @@ from __future__ import annotations
 import enum
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from berth.autoscaler import Bounds, Decision
 from berth.backends.base import ReplicaHandle
 from berth.control.spec import EndpointConfig, ReplicaPlan, ServedEntitySpec
 
@@ -67,10 +69,31 @@ class EntityRuntime:
     retired: bool = False
     last_replica_id: str | None = None
     at_zero: bool = False  # scaled to zero: no replica until a request comes
-    last_active: float = field(default_factory=time.monotonic)  # when a replica last had work
-    served: int = -1  # requests its replicas had answered at the last idle check
-    next_idle_check: float = 0.0
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # never shared by two entities
+    # What the autoscaler asks for (None: the plan's until its first decision), and what it decided.
+    target: int | None = None
+    concurrency: int = 0  # per-replica concurrency in force (0: the plan's)
+    decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=200))
+    scaler: Any = None  # its berth.autoscaler.Autoscaler, made by the autoscaling loop
+
+    def __post_init__(self) -> None:
+        if self.concurrency <= 0:
+            self.concurrency = self.plan.per_replica_concurrency
+
+    def replan(self, spec: ServedEntitySpec, plan: ReplicaPlan) -> None:
+        """New bounds for running replicas: the autoscaler starts again from the plan."""
+        self.spec, self.plan = spec, plan
+        self.target, self.concurrency = None, plan.per_replica_concurrency
+
+    @property
+    def bounds(self) -> Bounds:
+        spec = self.spec
+        return Bounds(spec.min_provisioned_concurrency, spec.max_provisioned_concurrency,
+                      scale_to_zero=spec.scale_to_zero_enabled, max_replicas=self.plan.replicas)
+
+    @property
+    def starting_replicas(self) -> list[ReplicaState]:
+        return [r for r in self.replicas.values() if r.phase is ReplicaPhase.STARTING]
 
     @property
     def ready_replicas(self) -> list[ReplicaState]:
@@ -78,7 +101,11 @@ class EntityRuntime:
 
     @property
     def desired_replicas(self) -> int:
-        return 0 if self.at_zero else self.plan.replicas
+        if self.at_zero:
+            return 0
+        if self.target is None:
+            return self.plan.initial_replicas(self.spec.min_provisioned_concurrency)
+        return self.target
 
     def view(self, creator: str, spec: ServedEntitySpec | None = None) -> dict[str, Any]:
         out = (spec or self.spec).to_dict()

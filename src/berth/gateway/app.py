@@ -56,6 +56,7 @@ class Gateway:
         self.hold_timeout_s = hold_timeout_s
         self.on_demand = on_demand  # (endpoint, entity): a request waits for an entity at zero
         self._routes_changed: asyncio.Future[None] | None = None
+        self.holding: dict[tuple[str, str], int] = {}  # requests waiting for a replica, by (endpoint, entity)
 
     def set_routes(self, table: RoutingTable) -> None:
         """Swap in a new routing table; pools of replicas it no longer names are closed."""
@@ -119,7 +120,12 @@ class Gateway:
             if not replicas:
                 if held_since is None:
                     held_since = time.perf_counter()
-                held = await self._hold(name, choice, gone, held_since)
+                key = (name, choice.name)
+                self.holding[key] = self.holding.get(key, 0) + 1
+                try:
+                    held = await self._hold(name, choice, gone, held_since)
+                finally:
+                    self.holding[key] -= 1
                 if isinstance(held, BerthError):
                     return held
                 choice, replicas = held, held.replicas

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # From 25 µs to 0.1 s: the gateway's own share of a request is measured in fractions of a ms.
@@ -66,6 +66,36 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=own,
         )
+
+        # Set by the main process's autoscaling loop only ("max" over processes is its value).
+        self.replicas = Gauge(
+            "berth_replicas",
+            "Replicas of a served entity by state: desired (what the autoscaler asks for), starting, ready.",
+            ["endpoint", "entity", "state"],
+            registry=own,
+            multiprocess_mode="max",
+        )
+        self.replica_concurrency = Gauge(
+            "berth_replica_concurrency",
+            "Requests each replica of a served entity admits at once (the autoscaler's vertical axis).",
+            ["endpoint", "entity"],
+            registry=own,
+            multiprocess_mode="max",
+        )
+        self.provisioned = Gauge(
+            "berth_provisioned_concurrency",
+            "Provisioned concurrency of a served entity: ready replicas × per-replica concurrency.",
+            ["endpoint", "entity"],
+            registry=own,
+            multiprocess_mode="max",
+        )
+
+    def set_replicas(self, endpoint: str, entity: str, *, desired: int, ready: int, starting: int,
+                     concurrency: int) -> None:
+        for state, value in (("desired", desired), ("ready", ready), ("starting", starting)):
+            self.replicas.labels(endpoint, entity, state).set(value)
+        self.replica_concurrency.labels(endpoint, entity).set(concurrency)
+        self.provisioned.labels(endpoint, entity).set(ready * concurrency)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -133,6 +134,7 @@ class ReplicaApp:
         self.batcher = Batcher(scorer, max_batch=max_concurrency, thread_setup=thread_setup)
         self.requests = 0
         self.in_flight = 0
+        self.latency_s = 0.0  # summed over answered requests, receipt to answer (the autoscaler's signal)
 
     def close(self) -> None:
         self.batcher.executor.shutdown(wait=False, cancel_futures=True)
@@ -144,6 +146,7 @@ class ReplicaApp:
             "pid": os.getpid(),
             "requests": self.requests,
             "in_flight": self.in_flight,
+            "latency_s": self.latency_s,
             "queued": self.batcher.queued,
             "batches": self.scorer.batches,
             "batched_requests": self.scorer.batched_requests,
@@ -170,10 +173,12 @@ class ReplicaApp:
         """Answer one request through `answer(status, content_type, body)`, now or when scored."""
         if path == b"/invocations" and method == b"POST":
             self.in_flight += 1
+            received = time.perf_counter()
 
             def done(result: ScoringResult) -> None:
                 self.in_flight -= 1
                 self.requests += 1
+                self.latency_s += time.perf_counter() - received
                 answer(result.status, result.content_type.encode(), result.body)
 
             self.batcher.submit(body, content_type.decode("latin-1"), done)

@@ -47,6 +47,28 @@ replicas = sa.Table(
     sa.Column("started_at", sa.Float, nullable=False),
 )
 
+# The autoscaler's decision log (newest kept, per served entity) and learned traffic profiles.
+decisions = sa.Table(
+    "autoscaler_decisions",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("endpoint_name", sa.String(64), nullable=False, index=True),
+    sa.Column("entity_name", sa.String(64), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),  # epoch seconds
+    sa.Column("doc", sa.Text, nullable=False),
+)
+
+profiles = sa.Table(
+    "autoscaler_profiles",
+    metadata,
+    sa.Column("endpoint_name", sa.String(64), primary_key=True),
+    sa.Column("entity_name", sa.String(64), primary_key=True),
+    sa.Column("doc", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+DECISIONS_KEPT = 2000  # per served entity
+
 
 @dataclass
 class EndpointRecord:
@@ -155,6 +177,54 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(replicas.select()).all()
         return [ReplicaRecord(**row._mapping) for row in rows]
+
+    # Autoscaler
+    def add_decisions(self, rows: list[tuple[str, str, float, dict[str, Any]]]) -> None:
+        """Append (endpoint, entity, epoch seconds, decision) rows; keeps the newest per entity."""
+        if not rows:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(decisions.insert(), [
+                {"endpoint_name": ep, "entity_name": ent, "at": at, "doc": orjson.dumps(doc).decode()}
+                for ep, ent, at, doc in rows
+            ])
+            for ep, ent in {(r[0], r[1]) for r in rows}:
+                keep_from = conn.execute(
+                    sa.select(decisions.c.seq)
+                    .where(decisions.c.endpoint_name == ep, decisions.c.entity_name == ent)
+                    .order_by(decisions.c.seq.desc()).offset(DECISIONS_KEPT).limit(1)
+                ).scalar()
+                if keep_from is not None:
+                    conn.execute(decisions.delete().where(decisions.c.endpoint_name == ep,
+                                                          decisions.c.entity_name == ent,
+                                                          decisions.c.seq <= keep_from))
+
+    def list_decisions(self, endpoint_name: str, entity_name: str | None = None, limit: int = 100) -> list[
+            dict[str, Any]]:
+        """The newest `limit` decisions of an endpoint (or one entity), oldest first."""
+        query = sa.select(decisions).where(decisions.c.endpoint_name == endpoint_name)
+        if entity_name is not None:
+            query = query.where(decisions.c.entity_name == entity_name)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(decisions.c.seq.desc()).limit(limit)).all()
+        return [{"served_entity_name": r.entity_name, "timestamp": r.at, **orjson.loads(r.doc)} for r in reversed(rows)]
+
+    def delete_decisions(self, endpoint_name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(decisions.delete().where(decisions.c.endpoint_name == endpoint_name))
+
+    def save_profile(self, endpoint_name: str, entity_name: str, doc: dict[str, Any]) -> None:
+        values = {"doc": orjson.dumps(doc).decode(), "updated_at": time.time()}
+        with self.engine.begin() as conn:
+            key = (profiles.c.endpoint_name == endpoint_name) & (profiles.c.entity_name == entity_name)
+            if conn.execute(profiles.update().where(key).values(**values)).rowcount == 0:
+                conn.execute(profiles.insert().values(endpoint_name=endpoint_name, entity_name=entity_name, **values))
+
+    def get_profile(self, endpoint_name: str, entity_name: str) -> dict[str, Any] | None:
+        key = (profiles.c.endpoint_name == endpoint_name) & (profiles.c.entity_name == entity_name)
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(profiles.c.doc).where(key)).first()
+        return orjson.loads(row.doc) if row is not None else None
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -1,0 +1,223 @@
+"""The autoscaler's I/O edge: sample every served entity, call the decision code, apply what it says.
+
+Every sampling period (1 s, time-scaled) each active served entity is sampled into an
+`autoscaler.Sample`: the replicas' own counters (`/stats`: requests answered, in flight, summed
+latency), their CPU time and memory (from the backend), and the requests the gateway holds for
+it. Every `policy.period_s` the entity's `Autoscaler` decides; the decision sets the entity's
+target replicas and per-replica concurrency (the reconciler makes them so), goes into the
+decision log (memory and store), and the learned traffic profile is saved now and then so a
+restart keeps it. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from berth.autoscaler import Autoscaler, AutoscalerSettings, Decision, Forecaster, Sample, ScaleState
+from berth.control.state import Deployment, EndpointRuntime, EntityRuntime
+from berth.observability.metrics import Metrics
+from berth.store import Store
+
+log = logging.getLogger("berth.autoscaler")
+
+PROFILE_SAVE_S = 600.0  # the traffic profile is written to the store this often (time-scaled)
+EXPORT_WINDOW_S = 60.0  # the endpoint metrics export describes the last minute (Databricks' semantics)
+
+
+@dataclass
+class _Mark:
+    """A replica's counters at the previous sample."""
+
+    requests: int
+    latency_s: float
+    cpu_s: float | None
+    t: float
+
+
+@dataclass
+class _Track:
+    """What the loop keeps per served entity."""
+
+    samples: deque[Sample]
+    next_decision: float
+    in_front: float = 0.0  # in flight + held at the previous sample
+    last_saved: float = 0.0
+
+
+class AutoscalingLoop:
+    """Runs beside the reconciler in the server's event loop."""
+
+    def __init__(self, reconciler: object, store: Store, settings: AutoscalerSettings, *, vertical: bool,
+                 memory_limit_mb: int, held: Callable[[str, str], int], metrics: Metrics | None = None,
+                 forecast: bool = True) -> None:
+        self.reconciler = reconciler
+        self.backend = reconciler.backend  # type: ignore[attr-defined]
+        self.store = store
+        self.settings = settings
+        self.vertical = vertical
+        self.memory_limit_bytes = memory_limit_mb * 2**20
+        self.held = held
+        self.metrics = metrics
+        self.forecast = forecast
+        self._marks: dict[str, _Mark] = {}
+        self._tracks: dict[str, _Track] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="berth-autoscaler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for endpoint in self._endpoints():
+            for entity in self._entities(endpoint):
+                self._save_profile(endpoint.name, entity)
+
+    async def _run(self) -> None:
+        period = self.settings.sample_s
+        while True:
+            started = time.monotonic()
+            try:
+                await self.tick(time.time())
+            except Exception:  # one bad pass must not stop the loop
+                log.exception("autoscaling pass failed")
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    def _endpoints(self) -> list[EndpointRuntime]:
+        return list(self.reconciler.endpoints.values())  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _entities(endpoint: EndpointRuntime) -> list[EntityRuntime]:
+        if endpoint.active is None:
+            return []
+        return [e for e in endpoint.active.entities.values()
+                if not e.retired and e.deployment is not Deployment.FAILED]
+
+    async def tick(self, now: float) -> None:
+        """One sampling period: sample every active entity, decide for those that are due."""
+        rows: list[tuple[str, str, float, dict[str, object]]] = []
+        live: set[str] = set()
+        changed = False
+        for endpoint in self._endpoints():
+            for entity in self._entities(endpoint):
+                live.add(entity.uid)
+                track = self._tracks.get(entity.uid)
+                if track is None:
+                    track = self._tracks[entity.uid] = _Track(deque(), next_decision=now, last_saved=now)
+                    entity.scaler = self._policy(endpoint.name, entity)
+                sample = await self._sample(endpoint.name, entity, track, now)
+                track.samples.append(sample)
+                while track.samples and track.samples[0].t < now - self.settings.history_s:
+                    track.samples.popleft()
+                self._export(endpoint.name, entity)
+                if now + 1e-6 < track.next_decision:
+                    continue
+                track.next_decision = now + entity.scaler.period_s
+                decision = entity.scaler.decide(now, track.samples, ScaleState(entity.desired_replicas,
+                                                                                entity.concurrency), entity.bounds)
+                changed |= self._apply(entity, decision)
+                rows.append((endpoint.name, entity.spec.name, now, _doc(decision)))
+                if now - track.last_saved >= PROFILE_SAVE_S * self.settings.time_scale:
+                    track.last_saved = now
+                    self._save_profile(endpoint.name, entity)
+        for uid in set(self._tracks) - live:
+            del self._tracks[uid]
+        replicas = {rid for ep in self._endpoints() for e in ep.entities() for rid in e.replicas}
+        for rid in set(self._marks) - replicas:
+            del self._marks[rid]
+        if rows:
+            self.store.add_decisions(rows)
+        if changed:
+            self.reconciler.wake()  # type: ignore[attr-defined]
+
+    def _policy(self, endpoint_name: str, entity: EntityRuntime) -> Autoscaler:
+        forecaster = None
+        if self.forecast:
+            saved = self.store.get_profile(endpoint_name, entity.spec.name)
+            forecaster = Forecaster.from_dict(saved) if saved else Forecaster(
+                bucket_s=self.settings.scaled("forecast_bucket"), day_s=86_400.0 * self.settings.time_scale)
+        return Autoscaler(self.settings, vertical=self.vertical, forecast=forecaster, name="berth")
+
+    def _save_profile(self, endpoint_name: str, entity: EntityRuntime) -> None:
+        forecaster = getattr(entity.scaler, "forecast", None)
+        if forecaster is not None and forecaster.first_t is not None:
+            self.store.save_profile(endpoint_name, entity.spec.name, forecaster.to_dict())
+
+    async def _sample(self, endpoint_name: str, entity: EntityRuntime, track: _Track, now: float) -> Sample:
+        ready = entity.ready_replicas
+        stats = await asyncio.gather(*(self.backend.stats(r.handle.id) for r in ready))
+        in_flight = completed = 0
+        latency = 0.0
+        cpus: list[float] = []
+        memories: list[float] = []
+        for replica, st in zip(ready, stats, strict=True):
+            if st is None:
+                continue
+            rid = replica.handle.id
+            mark = self._marks.get(rid) or _Mark(0, 0.0, None, now)
+            requests, latency_s = int(st["requests"]), float(st.get("latency_s", 0.0))
+            in_flight += int(st["in_flight"])
+            completed += max(0, requests - mark.requests)
+            latency += max(0.0, latency_s - mark.latency_s)
+            usage = self.backend.usage(rid)
+            cpu_s = None
+            if usage is not None:
+                cpu_s, rss = usage
+                memories.append(rss / self.memory_limit_bytes)
+                if mark.cpu_s is not None and now > mark.t:
+                    cpus.append(min(1.0, (cpu_s - mark.cpu_s) / (now - mark.t)))
+            self._marks[rid] = _Mark(requests, latency_s, cpu_s, now)
+        held = self.held(endpoint_name, entity.spec.name)
+        in_front = in_flight + held
+        arrived = max(0, completed + round(in_front - track.in_front))
+        track.in_front = in_front
+        return Sample(
+            t=now, in_flight=float(in_flight), queued=float(held), rejected=0, arrived=arrived, completed=completed,
+            latency_s=latency / completed if completed else None, ready=len(ready),
+            starting=len(entity.starting_replicas), concurrency=entity.concurrency,
+            cpu=sum(cpus) / len(cpus) if cpus else None, memory=max(memories) if memories else None,
+        )
+
+    def _apply(self, entity: EntityRuntime, decision: Decision) -> bool:
+        entity.decisions.append(decision)
+        if not decision.changed:
+            return False
+        if decision.desired == 0:
+            entity.at_zero, entity.target = True, None
+            entity.message = (f"Scaled to zero after {self.settings.scale_to_zero_idle_s:g} s without requests; "
+                              "the next request starts a replica.")
+        else:
+            entity.at_zero, entity.target = False, decision.desired
+        entity.concurrency = decision.concurrency
+        log.info("endpoint %s entity %s: %d -> %d replica(s) x %d: %s", entity.endpoint_name, entity.spec.name,
+                 decision.previous, decision.desired, decision.concurrency, decision.reason)
+        return True
+
+    def _export(self, endpoint_name: str, entity: EntityRuntime) -> None:
+        if self.metrics is None:
+            return
+        ready, starting = len(entity.ready_replicas), len(entity.starting_replicas)
+        self.metrics.set_replicas(endpoint_name, entity.spec.name, desired=entity.desired_replicas, ready=ready,
+                                  starting=starting, concurrency=entity.concurrency)
+
+    def window(self, entity: EntityRuntime, seconds: float = EXPORT_WINDOW_S) -> list[Sample]:
+        """The entity's samples of the trailing window (for the endpoint metrics export)."""
+        track = self._tracks.get(entity.uid)
+        if track is None:
+            return []
+        cutoff = track.samples[-1].t - seconds if track.samples else 0.0
+        return [s for s in track.samples if s.t > cutoff]
+
+
+def _doc(decision: Decision) -> dict[str, object]:
+    out = asdict(decision)
+    out["inputs"] = dict(decision.inputs)
+    return out
