@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -298,3 +299,23 @@ def test_create_needs_a_model_uri_or_a_config(flags, no_creds, unique_name):
     invalid = berth("endpoints", "create", unique_name, "--config", "{not json", *flags, env=no_creds)
     assert invalid.returncode == 2
     assert "--config is not valid JSON" in one_line(invalid.stderr)
+
+
+def test_decisions_show_the_autoscalers_log(classifier_endpoint, shared_server, flags, no_creds):
+    """`berth endpoints decisions` prints one tab-separated row per decision (and JSON with --json)."""
+    deadline = time.monotonic() + 30
+    while not shared_server.api("GET", f"/{classifier_endpoint}/autoscaler/decisions").json()["decisions"]:
+        assert time.monotonic() < deadline, "no decision within 30 s"
+        time.sleep(0.2)
+    shown = berth("endpoints", "decisions", classifier_endpoint, "--limit", "3", *flags, env=no_creds)
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split("\t") for line in shown.stdout.splitlines()]
+    assert 1 <= len(rows) <= 3, shown.stdout
+    assert all(len(row) == 6 and row[1].startswith("#") and " -> " in row[4] for row in rows), shown.stdout
+    as_json = berth("endpoints", "decisions", classifier_endpoint, "--json", *flags, env=no_creds)
+    assert as_json.returncode == 0, as_json.stderr
+    decisions = json.loads(as_json.stdout)
+    assert {"cycle", "desired", "concurrency", "reason", "inputs", "axis"} <= set(decisions[-1])
+    missing = berth("endpoints", "decisions", "no-such-endpoint", *flags, env=no_creds)
+    assert missing.returncode == 1
+    assert "does not exist" in missing.stderr

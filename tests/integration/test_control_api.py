@@ -648,3 +648,47 @@ def test_invocations_while_creating_are_503_with_retry_after(
     assert view["state"]["ready"] == "READY", view
     assert served_by(server.invoke(unique_name, X_BODY)) == entity
     delete(server, unique_name)
+
+
+def test_autoscaler_decisions_and_the_metrics_export(shared_server: ServerProcess, fast_model: Path,
+                                                     unique_name: str) -> None:
+    """Every decision is readable with its inputs and reason; the export carries Databricks' names."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, entity = shared_server, tag("auto")
+    created = server.create(unique_name, {"served_entities": [
+        {"entity_name": str(fast_model), "name": entity, "min_provisioned_concurrency": 4,
+         "max_provisioned_concurrency": 4}]})
+    assert created.status_code == 200, created.text
+    assert server.wait_not_updating(unique_name)["state"]["ready"] == "READY"
+    logged = poll(lambda: server.api("GET", f"/{unique_name}/autoscaler/decisions").json()["decisions"],
+                  timeout=30, what="a decision")
+    last = logged[-1]
+    assert last["served_entity_name"] == entity
+    assert (last["desired"], last["concurrency"]) == (1, 4)
+    assert last["reason"]
+    assert {"demand", "target", "ready"} <= set(last["inputs"])
+    one = server.api("GET", f"/{unique_name}/autoscaler/decisions",
+                     params={"served_entity_name": entity, "limit": 1}).json()["decisions"]
+    assert len(one) == 1
+    assert_error(server.api("GET", f"/{unique_name}/autoscaler/decisions", params={"limit": 0}),
+                 400, "INVALID_PARAMETER_VALUE")
+    assert_error(server.api("GET", f"/{unique_name}/autoscaler/decisions", params={"limit": "many"}),
+                 400, "INVALID_PARAMETER_VALUE")
+    assert_error(server.api("GET", f"/{unique_name}/autoscaler/decisions", params={"served_entity_name": "nope"}),
+                 404, "RESOURCE_DOES_NOT_EXIST")
+    assert_error(server.api("GET", "/no-such-endpoint/autoscaler/decisions"), 404, "RESOURCE_DOES_NOT_EXIST")
+
+    export = server.api("GET", f"/{unique_name}/metrics")
+    assert export.status_code == 200, export.text
+    assert export.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(export.text)}
+    for name in ("provisioned_concurrent_requests_total", "cpu_usage_percentage", "mem_usage_percentage"):
+        assert families[name].type == "gauge", name
+    (sample,) = families["provisioned_concurrent_requests_total"].samples
+    assert sample.labels == {"endpoint_name": unique_name, "served_entity_name": entity}
+    assert sample.value == 4.0  # 1 ready replica x 4 for the whole window
+    (memory,) = families["mem_usage_percentage"].samples
+    assert 0 < memory.value < 100
+    assert_error(server.api("GET", "/no-such-endpoint/metrics"), 404, "RESOURCE_DOES_NOT_EXIST")
+    server.api("DELETE", f"/{unique_name}")

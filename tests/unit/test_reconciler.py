@@ -382,3 +382,34 @@ def test_autoscaling_loop_scales_on_demand_and_logs_each_decision(world):
     assert [d["cycle"] for d in logged] == list(range(1, len(logged) + 1))
     assert logged[-1]["served_entity_name"] == "a"
     assert any(d["desired"] == 2 and "demand" in d["reason"] for d in logged)
+
+
+def test_the_learned_traffic_profile_survives_a_restart(world):
+    """The forecaster's per-bucket profile goes to the store on stop and is what a new loop starts from."""
+    service, reconciler, backend, clock, _tables = world
+
+    async def scenario():
+        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        entity = reconciler.endpoints["ep"].active.entities["a"]
+        (rid,) = entity.replicas
+        loop = AutoscalingLoop(reconciler, service.store, AutoscalerSettings(), vertical=False, memory_limit_mb=4096,
+                               held=lambda endpoint, entity: 0)
+        for second in range(1, 181):  # three minutes at 2 requests/s
+            backend.served[rid] = 2 * second
+            clock.t += 1.0
+            await loop.tick(clock.t)
+        learned = entity.scaler.forecast.to_dict()
+        await loop.stop()
+        entity.scaler = None
+        again = AutoscalingLoop(reconciler, service.store, AutoscalerSettings(), vertical=False, memory_limit_mb=4096,
+                                held=lambda endpoint, entity: 0)
+        clock.t += 1.0
+        await again.tick(clock.t)
+        return learned, entity.scaler.forecast.to_dict()
+
+    learned, restored = run(scenario())
+    assert sum(learned["daily"].values()) >= 2 * 120  # at least two full minutes counted (120 per minute)
+    assert restored["daily"] == learned["daily"]
+    assert restored["weekly"] == learned["weekly"]
