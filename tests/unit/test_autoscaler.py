@@ -110,11 +110,11 @@ def test_scale_down_waits_for_the_whole_window():
 def test_vertical_cuts_fast_when_latency_doubles_and_raises_cautiously():
     s = S
     sig = vertical.VerticalSignals(latency_s=0.2, uncontended_s=0.05, cpu=0.5, memory=0.2, utilisation=0.7,
-                                   queued=0, rejected=0)
+                                   queued=0, in_flight=5, rejected=0)
     assert vertical.classify(sig, s) == "stressed"
     assert vertical.next_concurrency(8, "stressed", 1, 64, s) == 4  # 8 × (1 - 0.5)
     relaxed = vertical.VerticalSignals(latency_s=0.055, uncontended_s=0.05, cpu=0.3, memory=0.2, utilisation=0.7,
-                                       queued=0, rejected=0)
+                                       queued=0, in_flight=5, rejected=0)
     assert vertical.classify(relaxed, s) == "relaxed"
     assert vertical.next_concurrency(4, "relaxed", 1, 64, s) == 4  # one period is not enough
     assert vertical.next_concurrency(4, "relaxed", 2, 64, s) == 5  # max(4 + 1, floor(4 × 1.25))
@@ -122,11 +122,14 @@ def test_vertical_cuts_fast_when_latency_doubles_and_raises_cautiously():
     assert vertical.next_concurrency(16, "relaxed", 2, 18, s) == 18  # never above the maximum
     assert vertical.next_concurrency(1, "stressed", 1, 64, s) == 1  # never below the floor
     busy_cpu = vertical.VerticalSignals(latency_s=0.055, uncontended_s=0.05, cpu=0.95, memory=0.2,
-                                        utilisation=0.7, queued=0, rejected=0)
+                                        utilisation=0.7, queued=0, in_flight=5, rejected=0)
     assert vertical.classify(busy_cpu, s) == "steady"  # CPU-bound: more concurrency would only queue
     idle = vertical.VerticalSignals(latency_s=0.05, uncontended_s=0.05, cpu=0.1, memory=0.2, utilisation=0.1,
-                                    queued=0, rejected=0)
+                                    queued=0, in_flight=5, rejected=0)
     assert vertical.classify(idle, s) == "steady"  # unused concurrency tells nothing
+    queueing = vertical.VerticalSignals(latency_s=0.2, uncontended_s=0.05, cpu=0.9, memory=0.2, utilisation=1.0,
+                                        queued=8, in_flight=8, rejected=0)
+    assert vertical.classify(queueing, s) == "steady"  # waiting, not slow: the horizontal axis's job
 
 
 def test_vertical_change_keeps_provisioned_concurrency_then_scales():

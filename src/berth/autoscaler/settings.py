@@ -32,6 +32,7 @@ class AutoscalerSettings:
     stress_cpu: float = 0.9
     relaxed_cpu: float = 0.6
     stress_memory: float = 0.85
+    queued_share: float = 0.25  # latency counts as stress only while fewer than this share wait in front
     stable_cycles: int = 2  # a signal must hold this many vertical cycles before the relaxed step
     down_step: float = 0.5  # stressed: concurrency × (1 - down_step), quick
     up_step: float = 0.25  # relaxed: concurrency × (1 + up_step), cautious

@@ -28,6 +28,7 @@ class VerticalSignals:
     memory: float | None
     utilisation: float  # mean in-flight per replica ÷ per-replica concurrency
     queued: float  # mean requests waiting in front of the replicas
+    in_flight: float  # mean requests the replicas hold
     rejected: int
 
     @property
@@ -52,6 +53,7 @@ def signals(samples: Sequence[Sample], uncontended_s: float | None) -> VerticalS
         memory=max(mems) if mems else None,
         utilisation=mean([s.in_flight / (s.ready * max(1, s.concurrency)) for s in live]),
         queued=mean([s.queued for s in live]),
+        in_flight=mean([s.in_flight for s in live]),
         rejected=sum(s.rejected for s in live),
     )
 
@@ -61,6 +63,10 @@ def classify(sig: VerticalSignals, settings: AutoscalerSettings) -> str:
     ratio = sig.latency_ratio
     if sig.memory is not None and sig.memory >= settings.stress_memory:
         return "stressed"
+    if sig.queued > settings.queued_share * max(sig.in_flight, 1e-9):
+        # Requests wait in front of the model: the latency is mostly queueing, which more replicas
+        # (the horizontal axis) cure; less concurrency per replica would only cut capacity.
+        return "steady"
     if ratio is not None and ratio >= settings.stress_latency_ratio:
         return "stressed"
     if ratio is None or ratio > settings.relaxed_latency_ratio:

@@ -154,7 +154,7 @@ class AutoscalingLoop:
     async def _sample(self, endpoint_name: str, entity: EntityRuntime, track: _Track, now: float) -> Sample:
         ready = entity.ready_replicas
         stats = await asyncio.gather(*(self.backend.stats(r.handle.id) for r in ready))
-        in_flight = completed = 0
+        in_flight = completed = waiting = 0
         latency = 0.0
         cpus: list[float] = []
         memories: list[float] = []
@@ -165,6 +165,7 @@ class AutoscalingLoop:
             mark = self._marks.get(rid) or _Mark(0, 0.0, None, now)
             requests, latency_s = int(st["requests"]), float(st.get("latency_s", 0.0))
             in_flight += int(st["in_flight"])
+            waiting += int(st.get("queued", 0))  # received, waiting for the model (part of in_flight)
             completed += max(0, requests - mark.requests)
             latency += max(0.0, latency_s - mark.latency_s)
             usage = self.backend.usage(rid)
@@ -180,7 +181,8 @@ class AutoscalingLoop:
         arrived = max(0, completed + round(in_front - track.in_front))
         track.in_front = in_front
         return Sample(
-            t=now, in_flight=float(in_flight), queued=float(held), rejected=0, arrived=arrived, completed=completed,
+            t=now, in_flight=float(in_flight - waiting), queued=float(held + waiting), rejected=0, arrived=arrived,
+            completed=completed,
             latency_s=latency / completed if completed else None, ready=len(ready),
             starting=len(entity.starting_replicas), concurrency=entity.concurrency,
             cpu=sum(cpus) / len(cpus) if cpus else None, memory=max(memories) if memories else None,
