@@ -112,15 +112,21 @@ def test_vertical_cuts_fast_when_latency_doubles_and_raises_cautiously():
     sig = vertical.VerticalSignals(latency_s=0.2, uncontended_s=0.05, cpu=0.5, memory=0.2, utilisation=0.7,
                                    queued=0, in_flight=5, rejected=0)
     assert vertical.classify(sig, s) == "stressed"
-    assert vertical.next_concurrency(8, "stressed", 1, 64, s) == 4  # 8 × (1 - 0.5)
+    assert vertical.next_concurrency(8, "stressed", 1, 1, 64, s) == 4  # 8 × (1 - 0.5)
     relaxed = vertical.VerticalSignals(latency_s=0.055, uncontended_s=0.05, cpu=0.3, memory=0.2, utilisation=0.7,
                                        queued=0, in_flight=5, rejected=0)
     assert vertical.classify(relaxed, s) == "relaxed"
-    assert vertical.next_concurrency(4, "relaxed", 1, 64, s) == 4  # one period is not enough
-    assert vertical.next_concurrency(4, "relaxed", 2, 64, s) == 5  # max(4 + 1, floor(4 × 1.25))
-    assert vertical.next_concurrency(16, "relaxed", 2, 64, s) == 20
-    assert vertical.next_concurrency(16, "relaxed", 2, 18, s) == 18  # never above the maximum
-    assert vertical.next_concurrency(1, "stressed", 1, 64, s) == 1  # never below the floor
+    assert vertical.next_concurrency(4, "relaxed", 1, 1, 64, s) == 4  # one period is not enough
+    assert vertical.next_concurrency(4, "relaxed", 2, 1, 64, s) == 5  # max(4 + 1, floor(4 × 1.25))
+    assert vertical.next_concurrency(16, "relaxed", 2, 1, 64, s) == 20
+    assert vertical.next_concurrency(16, "relaxed", 2, 1, 18, s) == 18  # never above the ceiling
+    assert vertical.next_concurrency(16, "relaxed", 2, 1, 8, s) == 16  # ... and a raise never lowers it
+    assert vertical.next_concurrency(1, "stressed", 1, 1, 64, s) == 1  # never below the floor
+    assert vertical.next_concurrency(32, "stressed", 1, 32, 32, s) == 32  # the minimum must stay reachable
+    assert vertical.next_concurrency(8, "steady", 5, 1, 4, s) == 8
+    # min 64 on at most 2 replicas: each must admit 32; max 64 on 2 replicas: no raise above 32
+    assert vertical.concurrency_range(Bounds(64, 64, max_replicas=2), 2) == (32, 32)
+    assert vertical.concurrency_range(Bounds(0, 64), 1) == (1, 64)
     busy_cpu = vertical.VerticalSignals(latency_s=0.055, uncontended_s=0.05, cpu=0.95, memory=0.2,
                                         utilisation=0.7, queued=0, in_flight=5, rejected=0)
     assert vertical.classify(busy_cpu, s) == "steady"  # CPU-bound: more concurrency would only queue

@@ -75,7 +75,7 @@ class Autoscaler:
 
         axis, reasons = "none", []
         if self.vertical and (self._last_vertical is None or now - self._last_vertical >= s.vertical_period_s - 1e-9):
-            new_conc, why = self._vertical(now, samples, conc, bounds, inputs)
+            new_conc, why = self._vertical(now, samples, conc, current, bounds, inputs)
             if new_conc != conc:
                 current = min(math.ceil(current * conc / new_conc), bounds.replica_range(new_conc)[1])
                 conc, axis = new_conc, "vertical"
@@ -145,7 +145,7 @@ class Autoscaler:
         if fresh:
             self._last_seen = fresh[-1].t
 
-    def _vertical(self, now: float, samples: Sequence[Sample], conc: int, bounds: Bounds,
+    def _vertical(self, now: float, samples: Sequence[Sample], conc: int, replicas: int, bounds: Bounds,
                   inputs: dict[str, float]) -> tuple[int, str]:
         s = self.settings
         start = self._last_vertical if self._last_vertical is not None else now - s.vertical_period_s
@@ -156,7 +156,8 @@ class Autoscaler:
         verdict = vertical.classify(sig, s)
         streak = self._streak[1] + 1 if self._streak[0] == verdict else 1
         self._streak = (verdict, streak)
-        new = vertical.next_concurrency(conc, verdict, streak, bounds.max_concurrency, s)
+        floor, ceiling = vertical.concurrency_range(bounds, max(1, replicas))
+        new = vertical.next_concurrency(conc, verdict, streak, floor, ceiling, s)
         ratio = sig.latency_ratio
         inputs.update(latency_ratio=round(ratio, 3) if ratio is not None else -1.0,
                       cpu=round(sig.cpu, 3) if sig.cpu is not None else -1.0,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from berth.autoscaler.settings import AutoscalerSettings
-from berth.autoscaler.signals import Sample, mean
+from berth.autoscaler.signals import Bounds, Sample, mean
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,15 +78,27 @@ def classify(sig: VerticalSignals, settings: AutoscalerSettings) -> str:
     return "relaxed"
 
 
-def next_concurrency(current: int, verdict: str, streak: int, ceiling: int, settings: AutoscalerSettings) -> int:
-    """Per-replica concurrency after a period with `verdict`, seen `streak` periods in a row."""
-    floor = settings.min_concurrency
-    ceiling = max(floor, min(ceiling, settings.max_concurrency))
+def next_concurrency(current: int, verdict: str, streak: int, floor: int, ceiling: int,
+                     settings: AutoscalerSettings) -> int:
+    """Per-replica concurrency after a period with `verdict`, seen `streak` periods in a row.
+
+    A cut never goes below `floor`; a raise never above `ceiling` (and never lowers it); steady keeps it.
+    """
+    floor = max(floor, settings.min_concurrency)
     if verdict == "stressed":
         return max(floor, min(current - 1, math.floor(current * (1 - settings.down_step))))
     if verdict == "relaxed" and streak >= settings.stable_cycles:
-        return min(ceiling, max(current + 1, math.floor(current * (1 + settings.up_step))))
-    return min(max(current, floor), ceiling)
+        ceiling = min(ceiling, settings.max_concurrency)
+        return max(current, min(ceiling, max(current + 1, math.floor(current * (1 + settings.up_step)))))
+    return current
+
+
+def concurrency_range(bounds: Bounds, replicas: int) -> tuple[int, int]:
+    """(floor, ceiling) of per-replica concurrency: the minimum must stay reachable within the replica
+    cap, and a raise must not put more in flight than the maximum on the replicas there are."""
+    floor = math.ceil(bounds.min_concurrency / bounds.max_replicas) if bounds.max_replicas > 0 else 1
+    ceiling = max(1, bounds.max_concurrency // max(1, replicas))
+    return max(1, floor), ceiling
 
 
 def uncontended(previous: float | None, samples: Sequence[Sample], settings: AutoscalerSettings) -> float | None:
