@@ -84,37 +84,44 @@ def test_a_step_reaches_capacity_within_the_window():
     d = run(Autoscaler(S, vertical=False), samples, ScaleState(1, 4), 120)
     by_t = {x.t: x.desired for x in d}
     assert by_t[60] == 1
-    # t=65: window (45, 65] mean = (15×1 + 5×100)/20 = 25.75 -> ceil(9.2) = 10; latest 100 allows 72
-    assert by_t[65] == 10
-    # t=70: mean (10×1 + 10×100)/20 = 50.5 -> 19; t=75: 75.25 -> 27; t=80: 100 -> 36
-    assert (by_t[70], by_t[75], by_t[80]) == (19, 27, 36)
+    # t=65: the last cycle's mean (60, 65] is 100 (over the 20 s mean, 25.75): ceil(100 / 2.8) = 36,
+    # within the limit max(2 × 36, 1 + 4) = 72
+    assert by_t[65] == 36
     assert by_t[120] == 36
     assert d[-1].reason
     assert d[-1].inputs["target"] == pytest.approx(2.8)
 
 
-def test_scale_down_waits_for_the_whole_window():
-    # Demand 100 until t=100 (36 replicas), then 10 (needs 4). The window mean stays above 10 for the
-    # up window, and every 20 s mean in the last 300 s must be that low before replicas go.
+def test_scale_down_sheds_a_peak_over_the_window():
+    # Demand 100 until t=100 (36 replicas), then 10 (needs 4). Nothing goes down before the policy has a
+    # full 300 s window of its own; then each cycle's load counts, weighted down linearly with its age.
     samples = flat(0, 100, 100.0, ready=36) + flat(100, 800, 10.0, ready=36)
     d = run(Autoscaler(S, vertical=False), samples, ScaleState(36, 4), 800)
     by_t = {x.t: x.desired for x in d}
-    # Window means (t-20, t]: t=100: 100 -> 36; 105: (15×100+5×10)/20 = 77.5 -> 28; 110: 55 -> 20;
-    # 115: 32.5 -> 12; from 120: 10 -> 4. Scale-down takes the highest mean of the last 300 s.
-    assert by_t[300] == 36
-    assert by_t[395] == 36
-    assert (by_t[400], by_t[405], by_t[410], by_t[415]) == (28, 20, 12, 4)
+    assert by_t[300] == 36  # first decision at t=5: no full window yet
+    # t=305: the cycle at t=100 (load 100) is 205 s old: 100 × (1 - 205/300) = 31.7 -> ceil(31.7 / 2.8) = 12
+    assert by_t[305] == 12
+    # t=370: 100 × (1 - 270/300) = 10 and t=105's 77.5 × (1 - 265/300) = 9.0; the live load is 10 -> 4
+    assert by_t[370] == 4
     assert all(a.desired >= b.desired for a, b in itertools.pairwise(d))  # never up again
+
+
+def test_stabilised_load_weights_older_cycles_down():
+    assert horizontal.stabilised_load([(0.0, 100.0), (150.0, 50.0), (290.0, 10.0)], 300.0, 300.0) == pytest.approx(25.0)
+    assert horizontal.stabilised_load([], 300.0, 300.0) == 0.0
 
 
 def test_vertical_cuts_fast_when_latency_doubles_and_raises_cautiously():
     s = S
-    sig = vertical.VerticalSignals(latency_s=0.2, uncontended_s=0.05, cpu=0.5, memory=0.2, utilisation=0.7,
-                                   queued=0, in_flight=5, rejected=0)
+    def sig_(**kw):  # type: ignore[no-untyped-def]
+        base = {"latency_s": 0.2, "uncontended_s": 0.05, "cpu": 0.5, "memory": 0.2, "utilisation": 0.7, "queued": 0,
+                "in_flight": 5, "rejected": 0, "completed": 100, "per_replica": 2.8}
+        return vertical.VerticalSignals(**{**base, **kw})
+
+    sig = sig_()
     assert vertical.classify(sig, s) == "stressed"
     assert vertical.next_concurrency(8, "stressed", 1, 1, 64, s) == 4  # 8 × (1 - 0.5)
-    relaxed = vertical.VerticalSignals(latency_s=0.055, uncontended_s=0.05, cpu=0.3, memory=0.2, utilisation=0.7,
-                                       queued=0, in_flight=5, rejected=0)
+    relaxed = sig_(latency_s=0.055, cpu=0.3)  # CPU per busy slot 0.3 / 0.7 = 0.43: a model that waits
     assert vertical.classify(relaxed, s) == "relaxed"
     assert vertical.next_concurrency(4, "relaxed", 1, 1, 64, s) == 4  # one period is not enough
     assert vertical.next_concurrency(4, "relaxed", 2, 1, 64, s) == 5  # max(4 + 1, floor(4 × 1.25))
@@ -127,15 +134,24 @@ def test_vertical_cuts_fast_when_latency_doubles_and_raises_cautiously():
     # min 64 on at most 2 replicas: each must admit 32; max 64 on 2 replicas: no raise above 32
     assert vertical.concurrency_range(Bounds(64, 64, max_replicas=2), 2) == (32, 32)
     assert vertical.concurrency_range(Bounds(0, 64), 1) == (1, 64)
-    busy_cpu = vertical.VerticalSignals(latency_s=0.055, uncontended_s=0.05, cpu=0.95, memory=0.2,
-                                        utilisation=0.7, queued=0, in_flight=5, rejected=0)
-    assert vertical.classify(busy_cpu, s) == "steady"  # CPU-bound: more concurrency would only queue
-    idle = vertical.VerticalSignals(latency_s=0.05, uncontended_s=0.05, cpu=0.1, memory=0.2, utilisation=0.1,
-                                    queued=0, in_flight=5, rejected=0)
-    assert vertical.classify(idle, s) == "steady"  # unused concurrency tells nothing
-    queueing = vertical.VerticalSignals(latency_s=0.2, uncontended_s=0.05, cpu=0.9, memory=0.2, utilisation=1.0,
-                                        queued=8, in_flight=8, rejected=0)
-    assert vertical.classify(queueing, s) == "steady"  # waiting, not slow: the horizontal axis's job
+    assert vertical.classify(sig_(latency_s=0.055, cpu=0.5), s) == "steady"  # 0.5 / 0.7 per slot: CPU-bound
+    assert vertical.classify(sig_(latency_s=0.05, cpu=0.05, utilisation=0.1), s) == "steady"  # unused: tells nothing
+    assert vertical.classify(sig_(completed=5), s) == "steady"  # too few requests to judge the latency
+    assert vertical.classify(sig_(per_replica=1.0), s) == "steady"  # one at a time: slow, not contended
+    assert vertical.classify(sig_(latency_s=0.07, cpu=0.95), s) == "stressed"  # 1.4× with the CPU saturated
+    assert vertical.classify(sig_(latency_s=0.05, memory=0.9), s) == "stressed"  # memory near the limit
+
+
+def test_uncontended_latency_is_a_mean_of_single_request_samples():
+    one = [Sample(t=float(t), in_flight=1, completed=10, latency_s=lat, ready=2, concurrency=4)
+           for t, lat in enumerate([0.02, 0.3, 0.1, 0.2], start=1)]
+    busy = [Sample(t=9.0, in_flight=8, completed=50, latency_s=0.5, ready=2, concurrency=4)]
+    assert vertical.uncontended(None, one + busy, S) == pytest.approx(0.155)  # (0.02+0.3+0.1+0.2)/4; busy ignored
+    assert vertical.uncontended(0.1, one, S) == pytest.approx(0.1275)  # 0.5 × 0.1 + 0.5 × 0.155
+    # busy only: the period's mean (0.5) is no lower, so the estimate only drifts up by 2 %
+    assert vertical.uncontended(0.1, busy, S) == pytest.approx(0.102)
+    assert vertical.uncontended(0.1, [*busy[:0], Sample(t=9.0, in_flight=8, completed=50, latency_s=0.08, ready=2,
+                                                           concurrency=4)], S) == pytest.approx(0.08)  # lower: taken
 
 
 def test_vertical_change_keeps_provisioned_concurrency_then_scales():
@@ -231,3 +247,26 @@ def test_forecaster_round_trips_through_plain_data():
     g = Forecaster.from_dict(f.to_dict())
     for t in (0.0, 9 * 3600.0, 30 * 3600.0):
         assert g.expected(t) == f.expected(t)
+
+
+def test_the_simulator_and_the_live_loop_run_the_same_decision_code():
+    """No copy: both build `berth.autoscaler.apa.Autoscaler`, and the decision package does no I/O."""
+    import ast
+    from pathlib import Path
+
+    import berth.autoscaler.apa as apa
+    from berth.control import autoscaling as live
+    from berth.simulator import matrix, traces
+
+    assert live.Autoscaler is apa.Autoscaler
+    trace = traces.make("constant", 0, smoke=True)
+    for name in ("apa-full", "apa-horizontal"):
+        built = matrix.policy_specs()[name].build(trace)
+        assert type(built) is apa.Autoscaler
+    package = Path(apa.__file__).parent
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("berth"):
+                assert node.module.startswith("berth.autoscaler"), (source.name, node.module)
+            if isinstance(node, ast.Import):
+                assert all(a.name in ("math", "itertools") for a in node.names), (source.name, ast.dump(node))

@@ -42,6 +42,8 @@ class Autoscaler:
         self._first: float | None = None  # the first decision: scale-down waits for a full window of history
         self._last_vertical: float | None = None
         self._streak = ("steady", 0)
+        self._raised_from: int | None = None  # the concurrency before the last raise (one period ago)
+        self._cap: int | None = None  # a raise that hurt latency: never above this again
         self.uncontended_s: float | None = None
         self.latency_s: float | None = None  # recent mean replica latency (EWMA)
         self.last_active: float | None = None
@@ -81,9 +83,12 @@ class Autoscaler:
                 conc, axis = new_conc, "vertical"
                 reasons.append(why)
         target = horizontal.per_replica_target(conc, s)
-        demand = horizontal.window_demand(samples, now, s.up_window_s)
+        # The last cycle's mean when it is higher: a step is acted on at the next cycle, not 20 s later.
+        demand = max(horizontal.window_demand(samples, now, s.up_window_s),
+                     horizontal.window_demand(samples, now, s.up_period_s))
         latest_demand = latest.demand if latest else 0.0
-        self._means.append((now, demand))
+        self._means.append((now, max(horizontal.window_load(samples, now, s.up_window_s),
+                                     horizontal.window_load(samples, now, s.up_period_s))))
         while self._means and self._means[0][0] <= now - s.down_window_s:
             self._means.popleft()
         inputs.update(demand=round(demand, 3), latest_demand=round(latest_demand, 3), target=round(target, 3),
@@ -99,13 +104,14 @@ class Autoscaler:
         elif (now - self._first >= s.down_window_s - 1e-9
               and (self._last_down is None or now - self._last_down >= s.down_period_s - 1e-9)):
             self._last_down = now
-            peak = max(m for _, m in self._means)
+            peak = horizontal.stabilised_load(self._means, now, s.down_window_s)
             down = horizontal.scale_down(current, [horizontal.replicas_for(peak, conc, s)])
             inputs["window_peak"] = round(peak, 3)
             if down < current:
                 desired = down
                 axis = "vertical" if axis == "vertical" else "horizontal"
-                reasons.append(f"demand stayed at or under {peak:.1f} for {s.down_window_s:g} s; down to {down}")
+                reasons.append(f"load over the last {s.down_window_s:g} s (older cycles weighted less) peaks at "
+                               f"{peak:.1f}; down to {down}")
 
         low, high = bounds.replica_range(conc)
         low = max(low, 1)
@@ -157,8 +163,20 @@ class Autoscaler:
         streak = self._streak[1] + 1 if self._streak[0] == verdict else 1
         self._streak = (verdict, streak)
         floor, ceiling = vertical.concurrency_range(bounds, max(1, replicas))
-        new = vertical.next_concurrency(conc, verdict, streak, floor, ceiling, s)
+        if self._cap is not None:
+            ceiling = min(ceiling, self._cap)
+        raised_from, self._raised_from = self._raised_from, None
         ratio = sig.latency_ratio
+        if (raised_from is not None and verdict != "relaxed" and ratio is not None
+                and ratio > s.relaxed_latency_ratio):
+            # The last raise made the model slower: undo it and raise no higher from now on.
+            self._cap = raised_from
+            inputs.update(latency_ratio=round(ratio, 3), streak=streak)
+            return raised_from, (f"latency {ratio:.2f}× uncontended after the raise to {conc}: per-replica "
+                                 f"concurrency back to {raised_from}, and no higher")
+        new = vertical.next_concurrency(conc, verdict, streak, floor, ceiling, s)
+        if new > conc:
+            self._raised_from = conc
         inputs.update(latency_ratio=round(ratio, 3) if ratio is not None else -1.0,
                       cpu=round(sig.cpu, 3) if sig.cpu is not None else -1.0,
                       memory=round(sig.memory, 3) if sig.memory is not None else -1.0,

@@ -30,7 +30,7 @@ class Forecaster:
     bucket_s: float = 60.0
     day_s: float = DAY_S
     alpha: float = 0.5
-    spread: int = 2  # buckets either side taken into a forecast
+    spread: int = 1  # buckets either side taken into a forecast
     weekly: dict[int, float] = field(default_factory=dict)  # bucket of week -> mean count
     daily: dict[int, float] = field(default_factory=dict)  # bucket of day -> mean count
     first_t: float | None = None
@@ -111,7 +111,7 @@ class Forecaster:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Forecaster:
         return cls(bucket_s=float(data["bucket_s"]), day_s=float(data["day_s"]), alpha=float(data["alpha"]),
-                   spread=int(data.get("spread", 2)),
+                   spread=int(data.get("spread", 1)),
                    weekly={int(k): float(v) for k, v in data.get("weekly", {}).items()},
                    daily={int(k): float(v) for k, v in data.get("daily", {}).items()},
                    first_t=data.get("first_t"), last_t=data.get("last_t"))

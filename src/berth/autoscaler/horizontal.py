@@ -3,9 +3,11 @@
 Demand counts what admission hides: requests the replicas hold, those waiting in front of them,
 and capacity refusals turned into concurrency (429s per second × latency). The target is a
 utilisation fraction of each replica's concurrency, so replicas are added before the cap is hit.
-Scale-up looks at the last `up_window` and may at most double what the latest demand needs (or
-add `up_limit_min` replicas); scale-down happens only when every recommendation of the last
-`down_window` was that low (HPA's max-of-window stabilisation), so a dip does not shed capacity.
+Scale-up looks at the last `up_window` (or the last cycle, if higher) and may at most double what
+the latest demand needs (or add `up_limit_min` replicas); scale-down happens only when every
+recommendation of the last `down_window` was that low (HPA's max-of-window stabilisation), so a dip
+does not shed capacity. Scale-down counts load without the backlog: a queue that formed while
+capacity caught up is gone once it has.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def window_demand(samples: Sequence[Sample], now: float, window_s: float) -> flo
     return mean([s.demand for s in since(samples, now - window_s)])
 
 
+def window_load(samples: Sequence[Sample], now: float, window_s: float) -> float:
+    """Mean load (demand less the backlog) over the trailing window: what scale-down keeps capacity for."""
+    return mean([s.load for s in since(samples, now - window_s)])
+
+
 def scale_up(current: int, demand: float, latest: float, concurrency: int, settings: AutoscalerSettings) -> int:
     """Replicas after one scale-up cycle: the recommendation, capped relative to the current load.
 
@@ -50,6 +57,13 @@ def scale_up(current: int, demand: float, latest: float, concurrency: int, setti
     limit = max(math.ceil(settings.up_limit_factor * replicas_for(latest, concurrency, settings)),
                 current + settings.up_limit_min)
     return min(wanted, limit)
+
+
+def stabilised_load(history: Sequence[tuple[float, float]], now: float, window_s: float) -> float:
+    """The load scale-down keeps capacity for: the highest of the window's cycle loads, each weighted
+    down linearly with its age (1 now, 0 at `window_s`), so capacity for a peak is shed over the window
+    rather than all at its end."""
+    return max((load * max(0.0, 1 - (now - t) / window_s) for t, load in history), default=0.0)
 
 
 def scale_down(current: int, recommendations: Sequence[int]) -> int:

@@ -16,7 +16,7 @@ class AutoscalerSettings:
     time_scale: float = 1.0
     sample_period: float = 1.0  # how often each entity's concurrency is sampled
     up_period: float = 5.0  # a scale-up decision this often ...
-    up_window: float = 20.0  # ... over this much history
+    up_window: float = 20.0  # ... over this much history (or the last up period, if higher: a step shows at once)
     down_period: float = 5.0  # a scale-down decision this often ...
     down_window: float = 300.0  # ... only if every recommendation in this window was at least as low
     vertical_period: float = 30.0  # per-replica concurrency is revisited this often
@@ -28,11 +28,14 @@ class AutoscalerSettings:
     tolerance: float = 0.1  # no change when demand is within this fraction of the target
     # Vertical axis: thresholds with hysteresis, relative to the model's uncontended latency.
     stress_latency_ratio: float = 2.0  # p-latency over this × uncontended: stressed
-    relaxed_latency_ratio: float = 1.25  # under this (and CPU low): room to admit more
+    relaxed_latency_ratio: float = 1.15  # under this (and CPU low): room to admit more; over it after a raise: undo
     stress_cpu: float = 0.9
     relaxed_cpu: float = 0.6
     stress_memory: float = 0.85
-    queued_share: float = 0.25  # latency counts as stress only while fewer than this share wait in front
+    contention_level: float = 1.5  # latency is contention only with this many requests in flight per replica
+    min_completions: int = 20  # fewer requests than this in a period: no verdict on latency
+    uncontended_weight: float = 0.5  # weight of a new period in the uncontended-latency estimate
+    uncontended_drift: float = 0.02  # without a direct measure the estimate may rise this much a period
     stable_cycles: int = 2  # a signal must hold this many vertical cycles before the relaxed step
     down_step: float = 0.5  # stressed: concurrency × (1 - down_step), quick
     up_step: float = 0.25  # relaxed: concurrency × (1 + up_step), cautious

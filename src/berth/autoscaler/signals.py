@@ -45,6 +45,12 @@ class Sample:
         latency = self.latency_s or 0.0
         return self.in_flight + self.queued + self.rejected * latency
 
+    @property
+    def load(self) -> float:
+        """Demand without the backlog: what is being served plus what was refused. A queue that
+        forms while capacity catches up drains once it has; scaling down must not keep capacity for it."""
+        return self.in_flight + self.rejected * (self.latency_s or 0.0)
+
 
 @dataclass(frozen=True, slots=True)
 class Bounds:

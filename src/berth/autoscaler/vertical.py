@@ -30,6 +30,15 @@ class VerticalSignals:
     queued: float  # mean requests waiting in front of the replicas
     in_flight: float  # mean requests the replicas hold
     rejected: int
+    completed: int = 0  # requests answered in the period (evidence behind `latency_s`)
+    per_replica: float = 0.0  # mean requests each replica held
+
+    @property
+    def cpu_per_slot(self) -> float | None:
+        """CPU the replicas would use with every slot busy: near 1 for a CPU-bound model, ≪ 1 for one that waits."""
+        if self.cpu is None or self.utilisation <= 0:
+            return None
+        return self.cpu / self.utilisation
 
     @property
     def latency_ratio(self) -> float | None:
@@ -55,26 +64,35 @@ def signals(samples: Sequence[Sample], uncontended_s: float | None) -> VerticalS
         queued=mean([s.queued for s in live]),
         in_flight=mean([s.in_flight for s in live]),
         rejected=sum(s.rejected for s in live),
+        completed=total,
+        per_replica=mean([s.in_flight / s.ready for s in live]),
     )
 
 
 def classify(sig: VerticalSignals, settings: AutoscalerSettings) -> str:
-    """'stressed', 'relaxed' or 'steady' for one period."""
-    ratio = sig.latency_ratio
+    """'stressed', 'relaxed' or 'steady' for one period.
+
+    Stressed: memory near the limit, or contention that shows in the service latency (requests in a
+    replica slow each other down: at least `contention_level` in flight per replica and the latency
+    ≥ `stress_latency_ratio` × uncontended, or ≥ `relaxed_latency_ratio` × with the CPU saturated).
+    Relaxed: latency near uncontended, the concurrency in use, and a model that waits rather than
+    computes (CPU per busy slot well under one). Too little evidence is steady.
+    """
     if sig.memory is not None and sig.memory >= settings.stress_memory:
         return "stressed"
-    if sig.queued > settings.queued_share * max(sig.in_flight, 1e-9):
-        # Requests wait in front of the model: the latency is mostly queueing, which more replicas
-        # (the horizontal axis) cure; less concurrency per replica would only cut capacity.
+    ratio = sig.latency_ratio
+    if ratio is None or sig.completed < settings.min_completions:
         return "steady"
-    if ratio is not None and ratio >= settings.stress_latency_ratio:
-        return "stressed"
-    if ratio is None or ratio > settings.relaxed_latency_ratio:
-        return "steady"
-    if sig.cpu is not None and sig.cpu > settings.relaxed_cpu:
-        return "steady"
-    if sig.utilisation < 0.5 * settings.target_utilisation:
-        return "steady"  # the replicas do not use what they have: raising it tells nothing
+    if sig.per_replica >= settings.contention_level:
+        if ratio >= settings.stress_latency_ratio:
+            return "stressed"
+        if sig.cpu is not None and sig.cpu >= settings.stress_cpu and ratio >= settings.relaxed_latency_ratio:
+            return "stressed"
+    if ratio > settings.relaxed_latency_ratio or sig.utilisation < 0.5 * settings.target_utilisation:
+        return "steady"  # slower than uncontended, or the replicas do not use what they have
+    per_slot = sig.cpu_per_slot
+    if per_slot is not None and per_slot > settings.relaxed_cpu:
+        return "steady"  # CPU-bound: more concurrency would only queue on the cores
     return "relaxed"
 
 
@@ -104,19 +122,25 @@ def concurrency_range(bounds: Bounds, replicas: int) -> tuple[int, int]:
 def uncontended(previous: float | None, samples: Sequence[Sample], settings: AutoscalerSettings) -> float | None:
     """Update the estimate of the model's uncontended latency from one period's samples.
 
-    A sample where replicas held at most one request each measures it directly; failing that, the
-    lowest latency seen is an upper bound. The estimate follows the lowest of recent periods and
-    drifts up slowly (×1.1 a period) when a model got slower for good, so a new version re-bases.
+    Samples where the replicas held at most one request each measure it directly: their
+    completion-weighted mean enters an exponentially weighted mean. A busy entity rarely has such
+    samples (the autoscaler keeps replicas near their target), so otherwise the period's mean latency
+    stands in when it is lower than the estimate (contention only adds), and the estimate drifts up
+    slowly (`uncontended_drift` a period) so that a model that got slower for good re-bases. Means
+    over at least `min_completions` requests, never minima of noisy samples.
     """
-    direct = [s.latency_s for s in samples
-              if s.latency_s is not None and s.completed and s.ready and s.in_flight <= s.ready]
-    seen = [s.latency_s for s in samples if s.latency_s is not None and s.completed]
-    if direct:
-        low = min(direct)
-    elif seen:
-        low = min(seen)
-    else:
+    direct = [s for s in samples if s.latency_s is not None and s.completed and s.ready and s.in_flight <= s.ready]
+    count = sum(s.completed for s in direct)
+    if count >= settings.min_completions:
+        value = sum(s.latency_s * s.completed for s in direct) / count  # type: ignore[operator]
+        if previous is None:
+            return value
+        return (1 - settings.uncontended_weight) * previous + settings.uncontended_weight * value
+    done = [s for s in samples if s.latency_s is not None and s.completed]
+    count = sum(s.completed for s in done)
+    if count < settings.min_completions:
         return previous
-    if previous is None or low < previous:
-        return low
-    return min(low, previous * 1.1)
+    period = sum(s.latency_s * s.completed for s in done) / count  # type: ignore[operator]
+    if previous is None:
+        return period
+    return min(period, previous * (1 + settings.uncontended_drift))

@@ -163,7 +163,7 @@ class AutoscalingLoop:
                 continue
             rid = replica.handle.id
             mark = self._marks.get(rid) or _Mark(0, 0.0, None, now)
-            requests, latency_s = int(st["requests"]), float(st.get("latency_s", 0.0))
+            requests, latency_s = int(st["requests"]), float(st.get("service_s", 0.0))
             in_flight += int(st["in_flight"])
             waiting += int(st.get("queued", 0))  # received, waiting for the model (part of in_flight)
             completed += max(0, requests - mark.requests)

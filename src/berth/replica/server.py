@@ -55,6 +55,7 @@ class Batcher:
         # forked or warm-pool replica sets it after its start (`berth.replica.launch.limit_threads`).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=thread_setup)
         self.call_s = float("inf")  # running estimate of one model call; unknown: the thread first
+        self.service_s = 0.0  # summed over requests: time each spent being scored (not waiting)
         self._pending: deque[Pending] = deque()
         self._busy = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,6 +96,7 @@ class Batcher:
 
     def _run(self, batch: list[Pending]) -> list[ScoringResult]:
         before = self.scorer.model_call_s
+        started = time.perf_counter()
         try:
             if len(batch) == 1:
                 results = [self.scorer.score(batch[0][0], batch[0][1])]
@@ -104,6 +106,7 @@ class Batcher:
             error = ScoringResult(500, orjson.dumps({"error_code": "INTERNAL_ERROR", "message": repr(exc)}),
                                   "application/json")
             results = [error] * len(batch)
+        self.service_s += (time.perf_counter() - started) * len(batch)
         took = self.scorer.model_call_s - before
         if took > 0:
             self.call_s = took if self.call_s == float("inf") else (1 - _EWMA) * self.call_s + _EWMA * took
@@ -134,7 +137,6 @@ class ReplicaApp:
         self.batcher = Batcher(scorer, max_batch=max_concurrency, thread_setup=thread_setup)
         self.requests = 0
         self.in_flight = 0
-        self.latency_s = 0.0  # summed over answered requests, receipt to answer (the autoscaler's signal)
 
     def close(self) -> None:
         self.batcher.executor.shutdown(wait=False, cancel_futures=True)
@@ -146,7 +148,7 @@ class ReplicaApp:
             "pid": os.getpid(),
             "requests": self.requests,
             "in_flight": self.in_flight,
-            "latency_s": self.latency_s,
+            "service_s": self.batcher.service_s,  # the autoscaler's latency signal (waiting excluded)
             "queued": self.batcher.queued,
             "batches": self.scorer.batches,
             "batched_requests": self.scorer.batched_requests,
@@ -173,12 +175,10 @@ class ReplicaApp:
         """Answer one request through `answer(status, content_type, body)`, now or when scored."""
         if path == b"/invocations" and method == b"POST":
             self.in_flight += 1
-            received = time.perf_counter()
 
             def done(result: ScoringResult) -> None:
                 self.in_flight -= 1
                 self.requests += 1
-                self.latency_s += time.perf_counter() - received
                 answer(result.status, result.content_type.encode(), result.body)
 
             self.batcher.submit(body, content_type.decode("latin-1"), done)
