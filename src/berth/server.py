@@ -86,8 +86,11 @@ class Platform:
             on_routes=self._set_routes,
             on_persist=lambda ep: self.service.persist(ep),
             settle_s=settings.drain_settle_s,
+            drain_grace_s=max(30.0, settings.request_timeout_s),  # a request in flight may take that long
         )
         scale = settings.autoscale_time_scale
+        if scale <= 0:
+            raise ValueError(f"BERTH_AUTOSCALE_TIME_SCALE must be > 0; got {scale:g}.")
         self.autoscaling = AutoscalingLoop(
             self.reconciler,
             self.store,

@@ -413,3 +413,30 @@ def test_the_learned_traffic_profile_survives_a_restart(world):
     assert sum(learned["daily"].values()) >= 2 * 120  # at least two full minutes counted (120 per minute)
     assert restored["daily"] == learned["daily"]
     assert restored["weekly"] == learned["weekly"]
+
+
+def test_an_update_keeps_the_autoscaled_size_and_a_new_version_starts_as_big(world):
+    """A traffic-only update leaves what the autoscaler set; a new model version starts with the
+    provisioned concurrency of the one it replaces, so traffic moves only once it can carry it."""
+    service, reconciler, _backend, _clock, _tables = world
+    bounds = {"min_provisioned_concurrency": 0, "max_provisioned_concurrency": 64}
+    v1 = {"served_entities": [{"entity_name": "/models/a", "name": "a", **bounds}]}
+    v2 = {"served_entities": [{"entity_name": "/models/b", "name": "a", **bounds}]}
+
+    async def scenario():
+        service.create({"name": "ep", "config": v1}, creator="admin")
+        await reconciler.reconcile_once()
+        await reconciler.reconcile_once()
+        entity = reconciler.endpoints["ep"].active.entities["a"]
+        entity.target = 2  # as the autoscaler would after a load step (2 replicas x 32 on 2 cores)
+        service.update_config("ep", v1)  # same entity, same bounds
+        kept = (entity.target, entity.concurrency)
+        for _ in range(3):
+            await reconciler.reconcile_once()
+        service.update_config("ep", v2)  # a new model under the same name
+        pending = reconciler.endpoints["ep"].pending.entities["a"]
+        return kept, pending.desired_replicas
+
+    kept, new_size = run(scenario())
+    assert kept == (2, 32)
+    assert new_size == 2

@@ -170,7 +170,7 @@ class Autoscaler:
         if (raised_from is not None and verdict != "relaxed" and ratio is not None
                 and ratio > s.relaxed_latency_ratio):
             # The last raise made the model slower: undo it and raise no higher from now on.
-            self._cap = raised_from
+            self._cap = raised_from = min(max(raised_from, floor), max(floor, ceiling))
             inputs.update(latency_ratio=round(ratio, 3), streak=streak)
             return raised_from, (f"latency {ratio:.2f}× uncontended after the raise to {conc}: per-replica "
                                  f"concurrency back to {raised_from}, and no higher")

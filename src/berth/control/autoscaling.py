@@ -48,6 +48,7 @@ class _Track:
     next_decision: float
     in_front: float = 0.0  # in flight + held at the previous sample
     last_saved: float = 0.0
+    complete: bool = True  # every ready replica answered the last sample
 
 
 class AutoscalingLoop:
@@ -61,13 +62,16 @@ class AutoscalingLoop:
         self.store = store
         self.settings = settings
         self.vertical = vertical
-        self.memory_limit_bytes = memory_limit_mb * 2**20
+        self.memory_limit_bytes = memory_limit_mb * 2**20  # 0: no limit (no memory signal)
         self.held = held
         self.metrics = metrics
         self.forecast = forecast
         self._marks: dict[str, _Mark] = {}
         self._tracks: dict[str, _Track] = {}
         self._task: asyncio.Task[None] | None = None
+        # Decisions run on the monotonic clock (a wall-clock step must not empty a window), shifted once
+        # to epoch seconds so that the decision log and the daily traffic profile read as times of day.
+        self._epoch_offset = time.time() - time.monotonic()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="berth-autoscaler")
@@ -86,7 +90,7 @@ class AutoscalingLoop:
         while True:
             started = time.monotonic()
             try:
-                await self.tick(time.time())
+                await self.tick(started + self._epoch_offset)
             except Exception:  # one bad pass must not stop the loop
                 log.exception("autoscaling pass failed")
             await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
@@ -103,7 +107,7 @@ class AutoscalingLoop:
 
     async def tick(self, now: float) -> None:
         """One sampling period: sample every active entity, decide for those that are due."""
-        rows: list[tuple[str, str, float, dict[str, object]]] = []
+        rows: list[tuple[EndpointRuntime, str, float, dict[str, object]]] = []
         live: set[str] = set()
         changed = False
         for endpoint in self._endpoints():
@@ -118,13 +122,13 @@ class AutoscalingLoop:
                 while track.samples and track.samples[0].t < now - self.settings.history_s:
                     track.samples.popleft()
                 self._export(endpoint.name, entity)
-                if now + 1e-6 < track.next_decision:
-                    continue
+                if now + 1e-6 < track.next_decision or not track.complete:
+                    continue  # not due; or a replica did not answer: not a time to decide (it may be busy)
                 track.next_decision = now + entity.scaler.period_s
                 decision = entity.scaler.decide(now, track.samples, ScaleState(entity.desired_replicas,
                                                                                 entity.concurrency), entity.bounds)
                 changed |= self._apply(entity, decision)
-                rows.append((endpoint.name, entity.spec.name, now, _doc(decision)))
+                rows.append((endpoint, entity.spec.name, now, _doc(decision)))
                 if now - track.last_saved >= PROFILE_SAVE_S * self.settings.time_scale:
                     track.last_saved = now
                     self._save_profile(endpoint.name, entity)
@@ -133,8 +137,10 @@ class AutoscalingLoop:
         replicas = {rid for ep in self._endpoints() for e in ep.entities() for rid in e.replicas}
         for rid in set(self._marks) - replicas:
             del self._marks[rid]
-        if rows:
-            self.store.add_decisions(rows)
+        endpoints = self.reconciler.endpoints  # type: ignore[attr-defined]
+        kept = [(ep.name, ent, t, doc) for ep, ent, t, doc in rows if endpoints.get(ep.name) is ep]  # not deleted
+        if kept:
+            self.store.add_decisions(kept)
         if changed:
             self.reconciler.wake()  # type: ignore[attr-defined]
 
@@ -158,6 +164,7 @@ class AutoscalingLoop:
         latency = 0.0
         cpus: list[float] = []
         memories: list[float] = []
+        track.complete = all(st is not None for st in stats)
         for replica, st in zip(ready, stats, strict=True):
             if st is None:
                 continue
@@ -172,9 +179,10 @@ class AutoscalingLoop:
             cpu_s = None
             if usage is not None:
                 cpu_s, rss = usage
-                memories.append(rss / self.memory_limit_bytes)
+                if self.memory_limit_bytes > 0:
+                    memories.append(rss / self.memory_limit_bytes)
                 if mark.cpu_s is not None and now > mark.t:
-                    cpus.append(min(1.0, (cpu_s - mark.cpu_s) / (now - mark.t)))
+                    cpus.append(min(1.0, max(0.0, (cpu_s - mark.cpu_s) / (now - mark.t))))
             self._marks[rid] = _Mark(requests, latency_s, cpu_s, now)
         held = self.held(endpoint_name, entity.spec.name)
         in_front = in_flight + held

@@ -72,6 +72,7 @@ class Reconciler:
         on_routes: Callable[[RoutingTable], None],
         on_persist: Callable[[EndpointRuntime], None],
         settle_s: float = 1.0,
+        drain_grace_s: float = 30.0,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -83,6 +84,7 @@ class Reconciler:
         # Between taking a replica out of the routing table and stopping it: time for every gateway
         # process to have the new table, so that none sends it a request after its SIGTERM.
         self.settle_s = settle_s
+        self.drain_grace_s = drain_grace_s  # a stopped replica's time to finish what it holds
         self.endpoints: dict[str, EndpointRuntime] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -224,7 +226,7 @@ class Reconciler:
         for rid in victims:
             del entity.replicas[rid]
         self.publish_routes()  # out of the table before the settle period starts
-        self._in_background(self._stop_replicas(victims, grace_s=30.0, settle=True))
+        self._in_background(self._stop_replicas(victims, grace_s=self.drain_grace_s, settle=True))
 
     async def _apply_concurrency(self, entity: EntityRuntime) -> None:
         want = entity.concurrency
@@ -313,7 +315,8 @@ class Reconciler:
         """Stop entities in the background, after the routing table no longer names them."""
         for e in entities:
             e.retired = True
-        self._in_background(self._stop_entities(entities, grace_s=30.0, keep_state=keep_state, settle=True))
+        self._in_background(self._stop_entities(entities, grace_s=self.drain_grace_s, keep_state=keep_state,
+                                                settle=True))
 
     def _in_background(self, stop: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(stop)

@@ -135,6 +135,7 @@ class EndpointService:
         self._endpoint(name)
         self.store.delete_endpoint(name)
         self.store.delete_decisions(name)
+        self.store.delete_profiles(name)
         await self.reconciler.remove(name)
 
     def decisions(self, name: str, served_entity_name: str | None = None, limit: Any = 100) -> dict[str, Any]:
@@ -205,7 +206,12 @@ class EndpointService:
             shared = reusable.get(spec.deployment_key())
             if shared is not None:  # same model and environment: new bounds apply to its running replicas
                 rescale.append((shared, spec, self._plan(spec)))
-            entities[spec.name] = shared if shared is not None else self._entity(endpoint.name, spec)
+            if shared is None:
+                shared = self._entity(endpoint.name, spec)
+                previous = endpoint.active.entities.get(spec.name) if endpoint.active is not None else None
+                if previous is not None:
+                    shared.inherit(previous)
+            entities[spec.name] = shared
         return ConfigRuntime(version=version, config=config, entities=entities), rescale
 
     def _plan(self, spec: ServedEntitySpec) -> ReplicaPlan:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 import uuid
 from collections import deque
@@ -81,15 +82,27 @@ class EntityRuntime:
             self.concurrency = self.plan.per_replica_concurrency
 
     def replan(self, spec: ServedEntitySpec, plan: ReplicaPlan) -> None:
-        """New bounds for running replicas: the autoscaler starts again from the plan."""
+        """New bounds (or none) for running replicas: what the autoscaler set stays, clamped into them."""
+        bounds_changed = plan != self.plan or self.bounds != _bounds(spec, plan)
         self.spec, self.plan = spec, plan
-        self.target, self.concurrency = None, plan.per_replica_concurrency
+        if bounds_changed:
+            self.concurrency = plan.per_replica_concurrency
+            if self.target is not None:
+                low, high = self.bounds.replica_range(self.concurrency)
+                self.target = min(high, max(1, low, self.target))
+
+    def inherit(self, previous: EntityRuntime) -> None:
+        """A new version of a served entity starts as big as the one it replaces (within its bounds), so
+        traffic moves to it only once it can carry what the old one carried."""
+        if previous.at_zero or previous.target is None:
+            return
+        low, high = self.bounds.replica_range(self.concurrency)
+        provisioned = previous.desired_replicas * previous.concurrency
+        self.target = min(high, max(1, low, math.ceil(provisioned / max(1, self.concurrency))))
 
     @property
     def bounds(self) -> Bounds:
-        spec = self.spec
-        return Bounds(spec.min_provisioned_concurrency, spec.max_provisioned_concurrency,
-                      scale_to_zero=spec.scale_to_zero_enabled, max_replicas=self.plan.replicas)
+        return _bounds(self.spec, self.plan)
 
     @property
     def starting_replicas(self) -> list[ReplicaState]:
@@ -103,8 +116,10 @@ class EntityRuntime:
     def desired_replicas(self) -> int:
         if self.at_zero:
             return 0
-        if self.target is None:
-            return self.plan.initial_replicas(self.spec.min_provisioned_concurrency)
+        if self.target is None:  # before the autoscaler's first decision: what the minimum needs
+            if self.plan.replicas <= 0:
+                return 0
+            return max(1, self.bounds.replica_range(self.concurrency)[0])
         return self.target
 
     def view(self, creator: str, spec: ServedEntitySpec | None = None) -> dict[str, Any]:
@@ -113,6 +128,11 @@ class EntityRuntime:
         out["creation_timestamp"] = self.creation_timestamp
         out["state"] = {"deployment": self.deployment.value, "deployment_state_message": self.message}
         return out
+
+
+def _bounds(spec: ServedEntitySpec, plan: ReplicaPlan) -> Bounds:
+    return Bounds(spec.min_provisioned_concurrency, spec.max_provisioned_concurrency,
+                  scale_to_zero=spec.scale_to_zero_enabled, max_replicas=plan.replicas)
 
 
 @dataclass

@@ -52,10 +52,11 @@ decisions = sa.Table(
     "autoscaler_decisions",
     metadata,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("endpoint_name", sa.String(64), nullable=False, index=True),
+    sa.Column("endpoint_name", sa.String(64), nullable=False),
     sa.Column("entity_name", sa.String(64), nullable=False),
     sa.Column("at", sa.Float, nullable=False),  # epoch seconds
     sa.Column("doc", sa.Text, nullable=False),
+    sa.Index("ix_autoscaler_decisions_entity", "endpoint_name", "entity_name", "seq"),
 )
 
 profiles = sa.Table(
@@ -212,6 +213,10 @@ class Store:
     def delete_decisions(self, endpoint_name: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(decisions.delete().where(decisions.c.endpoint_name == endpoint_name))
+
+    def delete_profiles(self, endpoint_name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(profiles.delete().where(profiles.c.endpoint_name == endpoint_name))
 
     def save_profile(self, endpoint_name: str, entity_name: str, doc: dict[str, Any]) -> None:
         values = {"doc": orjson.dumps(doc).decode(), "updated_at": time.time()}
