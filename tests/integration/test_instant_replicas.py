@@ -261,6 +261,7 @@ def test_scaled_to_zero_after_idle_then_a_request_waits_for_a_forked_replica(ser
     assert replica_stats(second.socket)["requests"] == 1
 
 
+@pytest.mark.slow
 def test_a_held_request_is_answered_503_at_its_deadline(server_factory, model_zoo):
     # Fresh processes only, and a model that takes 3 s to load: longer than the 1 s hold.
     server = server_factory(extra_env={"BERTH_SCALE_TO_ZERO_IDLE_S": "1", "BERTH_HOLD_TIMEOUT_S": "1",

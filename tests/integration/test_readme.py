@@ -31,6 +31,7 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_one():
     assert "./scripts/test" in (REPO / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_readme_serve_command_serves_a_demo_model(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BERTH_")}
     env.update(
