@@ -36,7 +36,7 @@ class Autoscaler:
             self.name += "+forecast"
         self.period_s = self.settings.up_period_s
         self.cycle = 0
-        self._means: deque[tuple[float, float]] = deque()  # (t, window-mean demand) per cycle
+        self._means: deque[tuple[float, float]] = deque()  # (t, recent load) per cycle, for scale-down
         self._last_seen: float | None = None  # newest sample already taken into account
         self._last_down: float | None = None
         self._first: float | None = None  # the first decision: scale-down waits for a full window of history
@@ -75,20 +75,17 @@ class Autoscaler:
                 return decision(desired, conc, f"Scale up from zero: {why}.", "zero")
             return decision(0, conc, "At zero, no request waiting.", "none")
 
-        axis, reasons = "none", []
+        reasons: list[str] = []
         if self.vertical and (self._last_vertical is None or now - self._last_vertical >= s.vertical_period_s - 1e-9):
             new_conc, why = self._vertical(now, samples, conc, current, bounds, inputs)
             if new_conc != conc:
                 current = min(math.ceil(current * conc / new_conc), bounds.replica_range(new_conc)[1])
-                conc, axis = new_conc, "vertical"
+                conc = new_conc
                 reasons.append(why)
         target = horizontal.per_replica_target(conc, s)
-        # The last cycle's mean when it is higher: a step is acted on at the next cycle, not 20 s later.
-        demand = max(horizontal.window_demand(samples, now, s.up_window_s),
-                     horizontal.window_demand(samples, now, s.up_period_s))
+        demand = horizontal.recent(samples, now, s, lambda x: x.demand)
         latest_demand = latest.demand if latest else 0.0
-        self._means.append((now, max(horizontal.window_load(samples, now, s.up_window_s),
-                                     horizontal.window_load(samples, now, s.up_period_s))))
+        self._means.append((now, horizontal.recent(samples, now, s, lambda x: x.load)))
         while self._means and self._means[0][0] <= now - s.down_window_s:
             self._means.popleft()
         inputs.update(demand=round(demand, 3), latest_demand=round(latest_demand, 3), target=round(target, 3),
@@ -97,7 +94,6 @@ class Autoscaler:
         up = horizontal.scale_up(current, demand, latest_demand, conc, s)
         if up > current:
             desired = up
-            axis = "vertical" if axis == "vertical" else "horizontal"
             need = horizontal.replicas_for(demand, conc, s)
             reasons.append(f"demand {demand:.1f} over {s.up_window_s:g} s needs {need} replica(s) at {target:.1f} each;"
                            f" up to {up}")
@@ -109,7 +105,6 @@ class Autoscaler:
             inputs["window_peak"] = round(peak, 3)
             if down < current:
                 desired = down
-                axis = "vertical" if axis == "vertical" else "horizontal"
                 reasons.append(f"load over the last {s.down_window_s:g} s (older cycles weighted less) peaks at "
                                f"{peak:.1f}; down to {down}")
 
@@ -118,7 +113,6 @@ class Autoscaler:
         if predicted > desired:
             reasons.append(f"the forecast raises the minimum to {predicted}")
             desired = predicted
-            axis = "vertical" if axis == "vertical" else "horizontal"
         clamped = min(high, max(low, desired))
         if clamped != desired:
             reasons.append(f"bounds {low}..{high}")
@@ -129,8 +123,8 @@ class Autoscaler:
             return decision(0, conc, f"No request for {idle_for:.0f} s: scale to zero.", "zero")
         if not reasons:
             reasons.append(f"demand {demand:.1f} fits {desired} replica(s) at {target:.1f} each")
-        if desired == state.desired and conc == state.concurrency:
-            axis = "none"
+        axis = ("vertical" if conc != state.concurrency
+                else "horizontal" if desired != state.desired else "none")
         return decision(desired, conc, "; ".join(reasons) + ".", axis)
 
     def woken(self) -> None:

@@ -13,7 +13,7 @@ capacity caught up is gone once it has.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from berth.autoscaler.settings import AutoscalerSettings
 from berth.autoscaler.signals import Sample, mean, since
@@ -31,14 +31,12 @@ def replicas_for(demand: float, concurrency: int, settings: AutoscalerSettings) 
     return math.ceil(demand / per_replica_target(concurrency, settings) - 1e-9)
 
 
-def window_demand(samples: Sequence[Sample], now: float, window_s: float) -> float:
-    """Mean concurrent demand over the trailing window."""
-    return mean([s.demand for s in since(samples, now - window_s)])
-
-
-def window_load(samples: Sequence[Sample], now: float, window_s: float) -> float:
-    """Mean load (demand less the backlog) over the trailing window: what scale-down keeps capacity for."""
-    return mean([s.load for s in since(samples, now - window_s)])
+def recent(samples: Sequence[Sample], now: float, settings: AutoscalerSettings,
+           value: Callable[[Sample], float]) -> float:
+    """Mean of `value` over the up window, or over the last up period when that is higher: a step is
+    acted on at the next cycle, not a whole window later."""
+    return max(mean([value(x) for x in since(samples, now - window)])
+               for window in (settings.up_window_s, settings.up_period_s))
 
 
 def scale_up(current: int, demand: float, latest: float, concurrency: int, settings: AutoscalerSettings) -> int:

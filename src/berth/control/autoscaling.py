@@ -1,8 +1,8 @@
 """The autoscaler's I/O edge: sample every served entity, call the decision code, apply what it says.
 
 Every sampling period (1 s, time-scaled) each active served entity is sampled into an
-`autoscaler.Sample`: the replicas' own counters (`/stats`: requests answered, in flight, summed
-latency), their CPU time and memory (from the backend), and the requests the gateway holds for
+`autoscaler.Sample`: the replicas' own counters (`/stats`: requests answered, in flight, waiting,
+summed scoring time), their CPU time and memory (from the backend), and the requests the gateway holds for
 it. Every `policy.period_s` the entity's `Autoscaler` decides; the decision sets the entity's
 target replicas and per-replica concurrency (the reconciler makes them so), goes into the
 decision log (memory and store), and the learned traffic profile is saved now and then so a
@@ -35,7 +35,7 @@ class _Mark:
     """A replica's counters at the previous sample."""
 
     requests: int
-    latency_s: float
+    service_s: float
     cpu_s: float | None
     t: float
 
@@ -170,11 +170,11 @@ class AutoscalingLoop:
                 continue
             rid = replica.handle.id
             mark = self._marks.get(rid) or _Mark(0, 0.0, None, now)
-            requests, latency_s = int(st["requests"]), float(st.get("service_s", 0.0))
+            requests, service_s = int(st["requests"]), float(st.get("service_s", 0.0))
             in_flight += int(st["in_flight"])
             waiting += int(st.get("queued", 0))  # received, waiting for the model (part of in_flight)
             completed += max(0, requests - mark.requests)
-            latency += max(0.0, latency_s - mark.latency_s)
+            latency += max(0.0, service_s - mark.service_s)
             usage = self.backend.usage(rid)
             cpu_s = None
             if usage is not None:
@@ -183,7 +183,7 @@ class AutoscalingLoop:
                     memories.append(rss / self.memory_limit_bytes)
                 if mark.cpu_s is not None and now > mark.t:
                     cpus.append(min(1.0, max(0.0, (cpu_s - mark.cpu_s) / (now - mark.t))))
-            self._marks[rid] = _Mark(requests, latency_s, cpu_s, now)
+            self._marks[rid] = _Mark(requests, service_s, cpu_s, now)
         held = self.held(endpoint_name, entity.spec.name)
         in_front = in_flight + held
         arrived = max(0, completed + round(in_front - track.in_front))

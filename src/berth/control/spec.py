@@ -134,13 +134,6 @@ class ReplicaPlan:
     def provisioned_concurrency(self) -> int:
         return self.replicas * self.per_replica_concurrency
 
-    def initial_replicas(self, min_provisioned_concurrency: int) -> int:
-        """Replicas to start with: enough for the minimum, at least one, at most the plan's."""
-        if self.replicas <= 0:
-            return 0
-        need = math.ceil(min_provisioned_concurrency / max(1, self.per_replica_concurrency))
-        return min(self.replicas, max(1, need))
-
 
 def validate_endpoint_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
