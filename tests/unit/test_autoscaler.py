@@ -92,6 +92,39 @@ def test_a_step_reaches_capacity_within_the_window():
     assert d[-1].inputs["target"] == pytest.approx(2.8)
 
 
+def test_surge_needs_twice_the_replicas_and_four_more():
+    # 2 replicas: a sample needing ceil(20 / 2.8) = 8 >= max(2 × 2, 2 + 4) = 6 surges to 8
+    assert horizontal.surge(2, 20, 4, S) == 8
+    # needing ceil(16 / 2.8) = 6 >= 6: surges; needing 5 does not (the cycle handles it)
+    assert horizontal.surge(2, 16, 4, S) == 6
+    assert horizontal.surge(2, 14, 4, S) == 2
+    # 10 replicas: needing 19 < 20 waits for the cycle; needing 20 surges
+    assert horizontal.surge(10, 53, 4, S) == 10
+    assert horizontal.surge(10, 56, 4, S) == 20
+    assert horizontal.surge(0, 100, 4, S) == 0  # from zero is the wake path's
+
+
+def test_a_surge_between_cycles_acts_at_the_next_sample_and_is_kept():
+    # 1 replica at demand 1; demand 100 from t=61 (needs 36). The cycle at t=60 sees nothing; the
+    # surge check at t=61 does: ceil(100 / 2.8) = 36 >= max(2, 5), capped at 2 × 36 -> 36 at t=61.
+    samples = flat(0, 60, 1.0) + flat(60, 400, 100.0, ready=36)
+    policy = Autoscaler(S, vertical=False)
+    state = ScaleState(1, 4)
+    log = []
+    for t in range(1, 401):
+        seen = [x for x in samples if x.t <= t]
+        check = policy.decide if t % 5 == 0 else policy.surge
+        d = check(float(t), seen, state, BOUNDS)
+        if d is not None:
+            state = ScaleState(d.desired, d.concurrency)
+            log.append(d)
+    surged = [d for d in log if d.reason.startswith("surge")]
+    assert [(d.t, d.previous, d.desired) for d in surged] == [(61.0, 1, 36)]
+    assert surged[0].cycle == 12  # decided between cycles 12 (t=60) and 13
+    assert all(d.desired == 36 for d in log if d.t > 61)  # the cycles that follow keep it
+    assert policy.surge(400.0, samples, state, BOUNDS) is None  # at capacity: nothing to decide
+
+
 def test_scale_down_sheds_a_peak_over_the_window():
     # Demand 100 until t=100 (36 replicas), then 10 (needs 4). Nothing goes down before the policy has a
     # full 300 s window of its own; then each cycle's load counts, weighted down linearly with its age.

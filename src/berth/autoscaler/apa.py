@@ -7,6 +7,8 @@
 3. the horizontal recommendation (`horizontal.py`) grows it, or after a stable window shrinks it;
 4. the predictive minimum (`forecast.py`) and the bounds clamp it; after the idle period with
    scale to zero on, it goes to zero.
+Between cycles, `Autoscaler.surge` is called at every sample: a jump in demand that needs twice the
+replicas is acted on at once rather than up to a cycle later (Knative's panic, without its freeze).
 The class keeps only what the decisions need to remember (recent window means, the vertical
 streak, the learned uncontended latency, the last activity); it reads no clock and does no I/O.
 """
@@ -126,6 +128,28 @@ class Autoscaler:
         axis = ("vertical" if conc != state.concurrency
                 else "horizontal" if desired != state.desired else "none")
         return decision(desired, conc, "; ".join(reasons) + ".", axis)
+
+    def surge(self, now: float, samples: Sequence[Sample], state: ScaleState, bounds: Bounds) -> Decision | None:
+        """Checked at every sample between cycles: a scale-up decision now if the latest sample needs at
+        least `surge_ratio` × the replicas, else None (nothing to record). The surge's load joins the
+        scale-down window, so the next cycles keep the capacity it added."""
+        s = self.settings
+        latest = samples[-1] if samples else None
+        conc, current = max(1, state.concurrency), state.desired
+        if latest is None or current <= 0 or self._first is None:
+            return None
+        up = min(horizontal.surge(current, latest.demand, conc, s), bounds.replica_range(conc)[1])
+        if up <= current:
+            return None
+        self._means.append((now, latest.load))
+        need = horizontal.replicas_for(latest.demand, conc, s)
+        demand = round(latest.demand, 3)
+        inputs = {"demand": demand, "latest_demand": demand, "concurrency": conc, "ready": latest.ready,
+                  "target": round(horizontal.per_replica_target(conc, s), 3)}
+        return Decision(t=now, policy=self.name, desired=up, concurrency=conc, previous=current,
+                        previous_concurrency=conc, axis="horizontal", cycle=self.cycle, inputs=inputs,
+                        reason=f"surge between cycles: demand {latest.demand:.1f} in the last sample needs {need} "
+                               f"replica(s), ≥ {s.surge_ratio:g}× the {current} provisioned; up to {up}.")
 
     def woken(self) -> None:
         """The entity was brought back from zero outside a decision (a request was waiting)."""

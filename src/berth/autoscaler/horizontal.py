@@ -4,10 +4,12 @@ Demand counts what admission hides: requests the replicas hold, those waiting in
 and capacity refusals turned into concurrency (429s per second × latency). The target is a
 utilisation fraction of each replica's concurrency, so replicas are added before the cap is hit.
 Scale-up looks at the last `up_window` (or the last cycle, if higher) and may at most double what
-the latest demand needs (or add `up_limit_min` replicas); scale-down happens only when every
-recommendation of the last `down_window` was that low (HPA's max-of-window stabilisation), so a dip
-does not shed capacity. Scale-down counts load without the backlog: a queue that formed while
-capacity caught up is gone once it has.
+the latest demand needs (or add `up_limit_min` replicas). Between cycles, a surge (the latest sample
+needing `surge_ratio` × the replicas, Knative's panic threshold) scales up at once rather than up to
+a cycle later. Scale-down keeps capacity for the highest load of the last `down_window`, each cycle's
+weighted down linearly with its age, so a dip does not shed capacity and a peak's is shed across the
+window. It counts load without the backlog: a queue that formed while capacity caught up is gone
+once it has.
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ def scale_up(current: int, demand: float, latest: float, concurrency: int, setti
     limit = max(math.ceil(settings.up_limit_factor * replicas_for(latest, concurrency, settings)),
                 current + settings.up_limit_min)
     return min(wanted, limit)
+
+
+def surge(current: int, latest: float, concurrency: int, settings: AutoscalerSettings) -> int:
+    """Replicas after a check between cycles: unchanged unless the latest sample's demand needs at
+    least `surge_ratio` × the current replicas and `up_limit_min` more; then one scale-up cycle now."""
+    if current <= 0:
+        return current
+    need = replicas_for(latest, concurrency, settings)
+    if need < max(settings.surge_ratio * current, current + settings.up_limit_min):
+        return current
+    return scale_up(current, latest, latest, concurrency, settings)
 
 
 def stabilised_load(history: Sequence[tuple[float, float]], now: float, window_s: float) -> float:

@@ -26,6 +26,7 @@ class AutoscalerSettings:
     up_limit_factor: float = 2.0  # one cycle grows to at most this × what the latest demand needs ...
     up_limit_min: int = 4  # ... or by this many replicas, whichever is more
     tolerance: float = 0.1  # no change when demand is within this fraction of the target
+    surge_ratio: float = 2.0  # between cycles: a sample needing this × the replicas (+ up_limit_min) scales up now
     # Vertical axis: thresholds with hysteresis, relative to the model's uncontended latency.
     stress_latency_ratio: float = 2.0  # p-latency over this × uncontended: stressed
     relaxed_latency_ratio: float = 1.15  # under this (and CPU low): room to admit more; over it after a raise: undo

@@ -107,7 +107,11 @@ class Decision:
 
 
 class Policy(Protocol):
-    """An autoscaling policy: called every `period_s` with the samples so far (oldest first)."""
+    """An autoscaling policy: called every `period_s` with the samples so far (oldest first).
+
+    A policy may also define `surge(now, samples, state, bounds) -> Decision | None`, which callers
+    invoke at every sample between `decide` calls; None means no decision (nothing is recorded).
+    """
 
     name: str
     period_s: float

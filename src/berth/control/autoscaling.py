@@ -3,7 +3,8 @@
 Every sampling period (1 s, time-scaled) each active served entity is sampled into an
 `autoscaler.Sample`: the replicas' own counters (`/stats`: requests answered, in flight, waiting,
 summed scoring time), their CPU time and memory (from the backend), and the requests the gateway holds for
-it. Every `policy.period_s` the entity's `Autoscaler` decides; the decision sets the entity's
+it. Every `policy.period_s` the entity's `Autoscaler` decides, and at the samples in between it checks
+for a surge (`Autoscaler.surge`); a decision sets the entity's
 target replicas and per-replica concurrency (the reconciler makes them so), goes into the
 decision log (memory and store), and the learned traffic profile is saved now and then so a
 restart keeps it. Nothing here decides anything.
@@ -122,11 +123,16 @@ class AutoscalingLoop:
                 while track.samples and track.samples[0].t < now - self.settings.history_s:
                     track.samples.popleft()
                 self._export(endpoint.name, entity)
-                if now + 1e-6 < track.next_decision or not track.complete:
-                    continue  # not due; or a replica did not answer: not a time to decide (it may be busy)
-                track.next_decision = now + entity.scaler.period_s
-                decision = entity.scaler.decide(now, track.samples, ScaleState(entity.desired_replicas,
-                                                                                entity.concurrency), entity.bounds)
+                if not track.complete:
+                    continue  # a replica did not answer: not a time to decide (it may be busy)
+                state = ScaleState(entity.desired_replicas, entity.concurrency)
+                if now + 1e-6 < track.next_decision:  # between cycles: only a surge is acted on
+                    decision = entity.scaler.surge(now, track.samples, state, entity.bounds)
+                    if decision is None:
+                        continue
+                else:
+                    track.next_decision = now + entity.scaler.period_s
+                    decision = entity.scaler.decide(now, track.samples, state, entity.bounds)
                 changed |= self._apply(entity, decision)
                 rows.append((endpoint, entity.spec.name, now, _doc(decision)))
                 if now - track.last_saved >= PROFILE_SAVE_S * self.settings.time_scale:

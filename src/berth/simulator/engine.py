@@ -33,7 +33,8 @@ Semantics (the exact per-request simulation in `exact.py` implements the same on
   and is called every `policy.period_s` from t = period. Samples only change at whole seconds, so the calls
   falling in one second are made at its start, in order, and their effects applied at their own ticks
   (identical results, far fewer segment splits for a 0.1 s loop); while the entity is at zero they are made
-  exactly in time order, interleaved with pokes. Decisions are clamped to the bounds (replica range at the
+  exactly in time order, interleaved with pokes. A policy's `surge` check, if it has one, is made at every
+  whole second that is not a call time (not at zero). Decisions are clamped to the bounds (replica range at the
   new concurrency) and to the model's hard concurrency cap, for every policy alike.
 - **Speed.** Within a second, between lifecycle events, the engine vectorises a segment when no queue
   exists: it assumes every arrival starts at once, computes busy = cumsum(arrivals − completions) and
@@ -215,6 +216,7 @@ class Engine:
         self.pending: deque[Sample] = deque()
         self._next_k = 1
         self.period = max(float(getattr(policy, "period_s", 1.0)), self.dt)
+        self._surge = getattr(policy, "surge", None)  # checked at every whole second between calls
         self.calls = 0
         self.actions = 0
         self.reversals = 0
@@ -281,6 +283,14 @@ class Engine:
         """Make the policy calls that fall in second s (see the module docstring)."""
         desired, conc = self.desired, self.C
         exact = desired == 0
+        if self._surge is not None and not exact and abs(self._next_k * self.period - s) > 1e-9 and s > 0:
+            decision = self._surge(float(s), self.visible, ScaleState(desired=desired, concurrency=conc), self.bounds)
+            if decision is not None:
+                self.calls += 1
+                new = self._clamp(decision)
+                if new != (desired, conc):
+                    self._push(s * self.tps, "apply", decision)
+                desired, conc = new
         while self._next_k * self.period < s + 1 - 1e-9:
             now = self._next_k * self.period
             self._next_k += 1
