@@ -22,12 +22,13 @@ from berth.autoscaler import AutoscalerSettings
 from berth.backends.local import LocalBackend
 from berth.backends.warmpool import PoolPolicy
 from berth.client.credentials import Credentials, read_credentials, write_credentials
+from berth.control.access import AccessService
 from berth.control.api import build_control_app
 from berth.control.autoscaling import AutoscalingLoop
 from berth.control.reconciler import CrashPolicy, Reconciler
 from berth.control.service import EndpointService
 from berth.gateway.app import Gateway, RootApp
-from berth.gateway.auth import TokenAuthority, hash_token, new_token
+from berth.gateway.auth import AccessState, TokenAuthority, hash_token, new_token
 from berth.gateway.hub import GatewayHub, listening_socket
 from berth.gateway.routing import RoutingTable
 from berth.observability.metrics import Metrics
@@ -57,7 +58,8 @@ class Platform:
                             window_s=settings.warm_pool_window_s),
             memory_limit_mb=settings.replica_memory_limit_mb,
         )
-        self.auth = TokenAuthority(self.store.token_hashes())
+        self.auth = TokenAuthority()
+        self.access = AccessService(self.store, on_change=self._publish_access)
         self.hub: GatewayHub | None = None
         shared_metrics: Path | None = None
         if settings.gateway_processes > 1:
@@ -116,26 +118,27 @@ class Platform:
         if self.hub is not None:
             self.hub.publish_routes(table)
 
-    def _reload_tokens(self) -> None:
-        hashes = self.store.token_hashes()
-        self.auth.replace(hashes)
+    def _publish_access(self, state: AccessState) -> None:
+        """Swap the hot path's credentials and grants in, here and in every gateway process."""
+        self.auth.replace(state)
         if self.hub is not None:
-            self.hub.publish_tokens(hashes)
+            self.hub.publish_access(state.to_json())
 
     def ensure_admin_token(self) -> AdminToken:
         """BERTH_ADMIN_TOKEN if set; else the credentials file's token if this store knows it;
-        else a new token (stored as a hash only)."""
+        else a new token (stored as a hash only). It belongs to the bootstrap admin user."""
+        admin = self.store.access.ensure_admin()
+        known = self.store.access.token_hashes()
         if self.settings.admin_token:
             token, generated = self.settings.admin_token, False
         else:
             creds = read_credentials()
-            known = self.store.token_hashes()
-            if creds is not None and hash_token(creds.token) in known:
+            if creds is not None and known.get(hash_token(creds.token), ("",))[0] == admin.id:
                 token, generated = creds.token, False
             else:
                 token, generated = new_token(), True
-        self.store.add_token(hash_token(token), comment="admin", is_admin=True)
-        self._reload_tokens()
+        self.store.access.add_token(admin.id, hash_token(token), comment="admin")
+        self.access.changed()
         return AdminToken(token, generated)
 
     async def start(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from berth.control.autoscaling import AutoscalingLoop
@@ -51,7 +52,8 @@ class EndpointService:
             self.reconciler.add(self._from_doc(record))
 
     # Operations
-    def create(self, body: Any, creator: str) -> dict[str, Any]:
+    def create(self, body: Any, creator: str, owner: str | None = None) -> dict[str, Any]:
+        """Create an endpoint; `owner` (a principal id) is granted CAN_MANAGE with it."""
         if not isinstance(body, dict):
             raise InvalidParameterValue("The request body must be a JSON object.")
         name = validate_endpoint_name(body.get("name"))
@@ -77,15 +79,16 @@ class EndpointService:
         )
         endpoint.pending, _ = self._config_runtime(endpoint, 1, config)
         endpoint.config_update = ConfigUpdate.IN_PROGRESS
-        self.store.create_endpoint(EndpointRecord(name, endpoint.id, to_doc(endpoint)))
+        self.store.create_endpoint(EndpointRecord(name, endpoint.id, to_doc(endpoint)), owner=owner)
         self.reconciler.add(endpoint)
         return endpoint.view()
 
     def get(self, name: str) -> dict[str, Any]:
         return self._endpoint(name).view()
 
-    def list(self) -> dict[str, Any]:
-        return {"endpoints": [ep.summary() for ep in sorted(self.reconciler.endpoints.values(), key=lambda e: e.name)]}
+    def list(self, visible: Callable[[str], bool] = lambda name: True) -> dict[str, Any]:
+        endpoints = sorted(self.reconciler.endpoints.values(), key=lambda e: e.name)
+        return {"endpoints": [ep.summary() for ep in endpoints if visible(ep.name)]}
 
     def update_config(self, name: str, body: Any) -> dict[str, Any]:
         endpoint = self._endpoint(name)

@@ -6,9 +6,10 @@ data plane itself. Everything else a worker receives goes to the main process ov
 socket (`berth.gateway.forward`).
 
 The hub feeds the workers what the data plane reads: on a Unix socket, each worker gets the routing
-table and the token hashes as one JSON line when it connects and again on every change. Metrics are
-shared through prometheus-client's multiprocess files (`berth.observability.metrics`). A worker
-that dies is restarted (with backoff); workers die with the main process.
+table and the access state (token hashes, principals, grants, the OAuth key) as one JSON line when
+it connects and again on every change. Metrics are shared through prometheus-client's multiprocess
+files (`berth.observability.metrics`). A worker that dies is restarted (with backoff); workers die
+with the main process.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from berth.gateway.auth import AccessState
 from berth.gateway.routing import RoutingTable
 from berth.process import child_setup, own
 
@@ -60,7 +62,7 @@ class GatewayHub:
         self.request_timeout_s = request_timeout_s
         self.hold_timeout_s = hold_timeout_s
         self.on_demand = on_demand  # a worker holds a request for an entity at zero
-        self._state: dict[str, Any] = {"routes": [], "tokens": []}
+        self._state: dict[str, Any] = {"routes": [], "access": AccessState().to_json()}
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._workers = [_Worker(i) for i in range(1, workers)]
         self._server: asyncio.AbstractServer | None = None
@@ -72,8 +74,9 @@ class GatewayHub:
     def publish_routes(self, table: RoutingTable) -> None:
         self._publish(routes=table.to_json())
 
-    def publish_tokens(self, hashes: frozenset[str] | set[str] | list[str]) -> None:
-        self._publish(tokens=sorted(hashes))
+    def publish_access(self, access: dict[str, Any]) -> None:
+        """Credentials and grants (`berth.gateway.auth.AccessState.to_json`)."""
+        self._publish(access=access)
 
     def _publish(self, **changes: Any) -> None:
         self._state.update(changes)

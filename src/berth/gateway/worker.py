@@ -18,7 +18,7 @@ import orjson
 import uvicorn
 
 from berth.gateway.app import Gateway, RootApp
-from berth.gateway.auth import TokenAuthority
+from berth.gateway.auth import AccessState, TokenAuthority
 from berth.gateway.forward import ControlForwarder
 from berth.gateway.hub import listening_socket
 from berth.gateway.routing import RoutingTable
@@ -53,7 +53,7 @@ class Feed:
 
     def apply(self, line: bytes) -> None:
         state = orjson.loads(line)
-        self.gateway.auth.replace(state["tokens"])
+        self.gateway.auth.replace(AccessState.from_json(state["access"]))
         self.gateway.set_routes(RoutingTable.from_json(state["routes"]))
 
     async def _follow(self, reader: asyncio.StreamReader) -> None:

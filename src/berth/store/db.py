@@ -27,13 +27,54 @@ endpoints = sa.Table(
     sa.Column("doc", sa.Text, nullable=False),
 )
 
-tokens = sa.Table(
+legacy_tokens = sa.Table(  # before identities: admin tokens only; moved into access_tokens on start
     "tokens",
     metadata,
     sa.Column("token_hash", sa.String(64), primary_key=True),
     sa.Column("comment", sa.String(256), nullable=False, default=""),
     sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# Identities and credentials (`berth.store.access`): users and service principals, their access tokens
+# (hashes only), per-endpoint grants, and the platform's signing key for OAuth access tokens.
+principals = sa.Table(
+    "principals",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("kind", sa.String(24), nullable=False),  # user | service_principal
+    sa.Column("name", sa.String(256), nullable=False),  # userName, or a service principal's applicationId
+    sa.Column("display_name", sa.String(256), nullable=False),
+    sa.Column("admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("secret_hash", sa.String(64), nullable=True),  # service principals' OAuth client secret
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("kind", "name", name="uq_principals_kind_name"),
+)
+
+access_tokens = sa.Table(
+    "access_tokens",
+    metadata,
+    sa.Column("token_id", sa.String(32), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("principal_id", sa.String(32), nullable=False, index=True),
+    sa.Column("comment", sa.String(256), nullable=False, default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),
+)
+
+endpoint_acl = sa.Table(
+    "endpoint_acl",
+    metadata,
+    sa.Column("endpoint_id", sa.String(32), primary_key=True),
+    sa.Column("principal_id", sa.String(32), primary_key=True),
+    sa.Column("level", sa.Integer, nullable=False),
+)
+
+platform_keys = sa.Table(
+    "platform_keys",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
 )
 
 replicas = sa.Table(
@@ -68,7 +109,8 @@ profiles = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
 )
 
-DECISIONS_KEPT = 2000  # per served entity
+DECISIONS_KEPT = 2000
+MANAGE_LEVEL = 3  # berth.access.permissions.Level.CAN_MANAGE  # per served entity
 
 
 @dataclass
@@ -101,12 +143,16 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        from berth.store.access import AccessStore
+
+        self.access = AccessStore(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # Endpoints
-    def create_endpoint(self, record: EndpointRecord) -> None:
+    def create_endpoint(self, record: EndpointRecord, *, owner: str | None = None) -> None:
+        """Insert the endpoint and, in the same transaction, its creator's `CAN_MANAGE` grant."""
         try:
             with self.engine.begin() as conn:
                 conn.execute(
@@ -114,6 +160,9 @@ class Store:
                         name=record.name, id=record.id, doc=orjson.dumps(record.doc).decode()
                     )
                 )
+                if owner is not None:
+                    conn.execute(endpoint_acl.insert().values(endpoint_id=record.id, principal_id=owner,
+                                                              level=MANAGE_LEVEL))
         except IntegrityError as exc:
             raise ResourceAlreadyExists(f"Endpoint '{record.name}' already exists.") from exc
 
@@ -140,30 +189,13 @@ class Store:
         return [EndpointRecord(r.name, r.id, orjson.loads(r.doc)) for r in rows]
 
     def delete_endpoint(self, name: str) -> None:
+        """Delete the endpoint and its grants in one transaction."""
         with self.engine.begin() as conn:
-            result = conn.execute(endpoints.delete().where(endpoints.c.name == name))
-            if result.rowcount == 0:
+            endpoint_id = conn.execute(sa.select(endpoints.c.id).where(endpoints.c.name == name)).scalar()
+            if endpoint_id is None:
                 raise ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
-
-    # Tokens (only hashes are stored)
-    def add_token(self, token_hash: str, *, comment: str = "", is_admin: bool = False) -> None:
-        with self.engine.begin() as conn:
-            exists = conn.execute(
-                sa.select(tokens.c.token_hash).where(tokens.c.token_hash == token_hash)
-            ).first()
-            if exists is None:
-                conn.execute(
-                    tokens.insert().values(
-                        token_hash=token_hash,
-                        comment=comment,
-                        is_admin=is_admin,
-                        created_at=time.time(),
-                    )
-                )
-
-    def token_hashes(self) -> set[str]:
-        with self.engine.connect() as conn:
-            return {r.token_hash for r in conn.execute(sa.select(tokens.c.token_hash))}
+            conn.execute(endpoints.delete().where(endpoints.c.name == name))
+            conn.execute(endpoint_acl.delete().where(endpoint_acl.c.endpoint_id == endpoint_id))
 
     # Replica records: what this server started, so a restart after SIGKILL can clean up.
     def add_replica(self, record: ReplicaRecord) -> None:
