@@ -21,6 +21,12 @@ from berth.client.http import BerthClient, BerthClientError
 app = typer.Typer(help="Berth: serve MLflow models behind Databricks-compatible endpoints.", no_args_is_help=True)
 endpoints_app = typer.Typer(help="Manage serving endpoints on a running server.", no_args_is_help=True)
 app.add_typer(endpoints_app, name="endpoints")
+users_app = typer.Typer(help="Manage users (admins only).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+principals_app = typer.Typer(help="Manage service principals and their OAuth secrets (admins only).",
+                             no_args_is_help=True)
+app.add_typer(principals_app, name="principals")
+SCIM = "/api/2.0/preview/scim/v2"
 console = Console()
 err_console = Console(stderr=True)
 
@@ -334,6 +340,72 @@ def _config_arg(model_uri: str | None, workload_size: str, config_json: str | No
             raise typer.Exit(2) from exc
     uri = model_uri if "://" in model_uri else str(Path(model_uri).expanduser().resolve())  # type: ignore[operator]
     return {"served_entities": [{"entity_name": uri, "workload_size": workload_size}]}
+
+
+@users_app.command("create")
+def users_create(
+    name: str,
+    token_for: Annotated[bool, typer.Option("--token/--no-token", help="Also make the user a token.")] = True,
+    host: HostOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a user (a userName such as an email address) and, by default, a token for them (shown once)."""
+    user = _request(host, token, "POST", f"{SCIM}/Users", {"userName": name})
+    console.print(f"User {user['userName']} (id {user['id']}).", markup=False, highlight=False)
+    if token_for:
+        made = _request(host, token, "POST", "/api/2.0/token-management/on-behalf-of/tokens",
+                        {"user_name": name, "comment": "made by berth users create"})
+        console.print("Their token (shown once):", markup=False)
+        console.print(f"  {made['token_value']}", soft_wrap=True, markup=False, highlight=False)
+
+
+@users_app.command("list")
+def users_list(host: HostOpt = None, token: TokenOpt = None) -> None:
+    """One row per user: id, userName, admin."""
+    for user in _request(host, token, "GET", f"{SCIM}/Users")["Resources"]:
+        admin = "admin" if user.get("roles") else ""
+        console.print(f"{user['id']}\t{user['userName']}\t{admin}", markup=False, highlight=False)
+
+
+@users_app.command("delete")
+def users_delete(name: str, host: HostOpt = None, token: TokenOpt = None) -> None:
+    """Delete a user with their tokens and grants."""
+    found = [u for u in _request(host, token, "GET", f"{SCIM}/Users")["Resources"] if u["userName"] == name]
+    if not found:
+        err_console.print(f"No user '{name}'.", style="red", markup=False)
+        raise typer.Exit(1)
+    _request(host, token, "DELETE", f"{SCIM}/Users/{found[0]['id']}")
+
+
+@principals_app.command("create")
+def principals_create(name: str, host: HostOpt = None, token: TokenOpt = None) -> None:
+    """Create a service principal; grant it by its application id (`service_principal_name`)."""
+    sp = _request(host, token, "POST", f"{SCIM}/ServicePrincipals", {"displayName": name})
+    console.print(f"Service principal {sp['displayName']} (id {sp['id']}, application id {sp['applicationId']}).",
+                  markup=False, highlight=False)
+
+
+@principals_app.command("secret")
+def principals_secret(name: str, host: HostOpt = None, token: TokenOpt = None) -> None:
+    """A new OAuth client secret for the service principal (replaces the old one; shown once)."""
+    found = [p for p in _request(host, token, "GET", f"{SCIM}/ServicePrincipals")["Resources"]
+             if name in (p["displayName"], p["applicationId"])]
+    if not found:
+        err_console.print(f"No service principal '{name}'.", style="red", markup=False)
+        raise typer.Exit(1)
+    sp = found[0]
+    made = _request(host, token, "POST", f"/api/2.0/accounts/servicePrincipals/{sp['id']}/credentials/secrets")
+    console.print(f"client_id:     {sp['applicationId']}", markup=False, highlight=False)
+    console.print(f"client_secret: {made['secret']}  (shown once)", soft_wrap=True, markup=False, highlight=False)
+
+
+def _request(host: str | None, token: str | None, method: str, path: str, body: Any = None) -> Any:
+    try:
+        response = BerthClient(host, token).request(method, path, json=body)
+    except BerthClientError as exc:
+        err_console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from exc
+    return response.json() if response.content else {}
 
 
 def _call(host: str | None, token: str | None, method: str, path: str, body: Any = None) -> Any:

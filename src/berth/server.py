@@ -108,7 +108,7 @@ class Platform:
         self.service.autoscaling = self.autoscaling
         self.app = RootApp(
             self.gateway,
-            build_control_app(self.service),
+            build_control_app(self.service, self.access),
             on_startup=self.start,
             on_shutdown=self.stop,
         )

@@ -66,6 +66,20 @@ def requests_for(endpoint: str, served: str, model: str) -> list[tuple[str, str,
         ("GET", "/api/2.0/no-such-api", None),
         ("GET", "/metrics", None),
         ("GET", "/", None),
+        ("GET", "/api/2.0/preview/scim/v2/Me", None),
+        ("GET", "/api/2.0/preview/scim/v2/Users", None),
+        ("POST", "/api/2.0/preview/scim/v2/Users", {"userName": f"u-{uuid.uuid4().hex[:6]}"}),
+        ("POST", "/api/2.0/preview/scim/v2/ServicePrincipals", {"displayName": "sp"}),
+        ("DELETE", "/api/2.0/preview/scim/v2/Users/1", None),
+        ("POST", "/api/2.0/accounts/servicePrincipals/1/credentials/secrets", None),
+        ("POST", "/api/2.0/token/create", {"comment": "x"}),
+        ("GET", "/api/2.0/token/list", None),
+        ("POST", "/api/2.0/token/delete", {"token_id": "x"}),
+        ("POST", "/api/2.0/token-management/on-behalf-of/tokens", {"user_name": "admin"}),
+        ("GET", "/api/2.0/permissions/serving-endpoints/x", None),
+        ("PUT", "/api/2.0/permissions/serving-endpoints/x", {"access_control_list": []}),
+        ("PATCH", "/api/2.0/permissions/serving-endpoints/x", {"access_control_list": []}),
+        ("GET", "/api/2.0/permissions/serving-endpoints/x/permissionLevels", None),
     ]
 
 
@@ -123,10 +137,10 @@ def test_open_paths_need_no_token(shared_server, authorization):
     for path in ("/ping", "/health"):
         response = send(shared_server, "GET", path, None, authorization)
         assert response.status_code == 200, (path, response.text)
-    # The SDK asks this before it authenticates; a 404 tells it to use the explicit config.
+    # The SDK asks this before it authenticates: the OIDC root, for the oauth-m2m flow.
     discovery = send(shared_server, "GET", "/.well-known/databricks-config", None, authorization)
-    assert discovery.status_code == 404
-    assert discovery.json()["error_code"] != "UNAUTHENTICATED"
+    assert discovery.status_code == 200, discovery.text
+    assert discovery.json()["oidc_endpoint"] == shared_server.url + "/oidc"
 
 
 def test_the_sdk_reports_a_wrong_token_as_unauthenticated(shared_server):

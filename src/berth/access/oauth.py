@@ -17,6 +17,9 @@ from urllib.parse import parse_qs
 
 import jwt
 
+METADATA_PATH = "/oidc/.well-known/oauth-authorization-server"  # all three answered without a token
+TOKEN_PATH = "/oidc/v1/token"
+HOST_METADATA_PATH = "/.well-known/databricks-config"  # where the SDK (0.16x) finds the OIDC root
 ACCESS_TOKEN_TTL_S = 3600
 ISSUER = "berth"
 SCOPES = ("all-apis",)
@@ -48,12 +51,17 @@ def metadata(base_url: str) -> dict[str, Any]:
     return {
         "issuer": f"{base}/oidc",
         "authorization_endpoint": f"{base}/oidc/v1/authorize",
-        "token_endpoint": f"{base}/oidc/v1/token",
+        "token_endpoint": f"{base}{TOKEN_PATH}",
         "grant_types_supported": ["client_credentials"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "response_types_supported": ["token"],
         "scopes_supported": list(SCOPES),
     }
+
+
+def host_metadata(base_url: str) -> dict[str, Any]:
+    """The SDK's host discovery: the OIDC root, under which it finds `METADATA_PATH`."""
+    return {"oidc_endpoint": f"{base_url.rstrip('/')}/oidc"}
 
 
 @dataclass(frozen=True)

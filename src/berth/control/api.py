@@ -12,17 +12,37 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from berth.access import oauth
+from berth.access.permissions import Caller, Level
+from berth.control.access import AccessService
 from berth.control.openapi import endpoint_openapi
 from berth.control.service import EndpointService
-from berth.errors import BerthError, InternalError, MalformedRequest
+from berth.errors import BerthError, InternalError, MalformedRequest, Unauthenticated
 from berth.http import error_body
 
 BASE = "/api/2.0/serving-endpoints"
+SCIM = "/api/2.0/preview/scim/v2"
+PERMISSIONS = "/api/2.0/permissions/serving-endpoints/{endpoint_id}"
+OIDC_METADATA, OIDC_TOKEN = oauth.METADATA_PATH, oauth.TOKEN_PATH  # answered without a token
+
+
+class _ScimCollection(Convertor[str]):
+    regex = "Users|ServicePrincipals"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("scim", _ScimCollection())
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
@@ -44,40 +64,63 @@ async def _json_body(request: Request) -> Any:
         raise MalformedRequest(f"Request body is not valid JSON: {exc}") from exc
 
 
-def build_control_app(service: EndpointService) -> Starlette:
-    """The control plane's ASGI app over an `EndpointService`."""
+def caller_of(request: Request) -> Caller:
+    """The principal the gateway authenticated for this request."""
+    caller = request.scope.get("berth.caller")
+    if caller is None:
+        raise Unauthenticated("Missing credentials: send 'Authorization: Bearer <token>'.")
+    return caller  # type: ignore[no-any-return]
+
+
+def build_control_app(service: EndpointService, access: AccessService) -> Starlette:
+    """The control plane's ASGI app over an `EndpointService` and an `AccessService`."""
+
+    def allowed(request: Request, needed: Level) -> tuple[Caller, Level]:
+        caller = caller_of(request)
+        return caller, access.require(caller, request.path_params["name"], needed)
 
     async def create(request: Request) -> Response:
-        return json_response(service.create(await _json_body(request), creator="admin"))
+        caller = caller_of(request)
+        view = service.create(await _json_body(request), creator=caller.name, owner=caller.id)
+        access.changed()  # the creator may query it
+        return json_response({**view, "permission_level": Level.CAN_MANAGE.name})
 
     async def list_endpoints(request: Request) -> Response:
-        return json_response(service.list())
+        return json_response(service.list(access.visible(caller_of(request))))
 
     async def get(request: Request) -> Response:
-        return json_response(service.get(request.path_params["name"]))
+        _, level = allowed(request, Level.CAN_VIEW)
+        return json_response({**service.get(request.path_params["name"]), "permission_level": level.name})
 
     async def delete(request: Request) -> Response:
+        allowed(request, Level.CAN_MANAGE)
         await service.delete(request.path_params["name"])
+        access.changed()
         return json_response({})
 
     async def update_config(request: Request) -> Response:
+        allowed(request, Level.CAN_MANAGE)
         body = await _json_body(request)
         return json_response(service.update_config(request.path_params["name"], body))
 
     async def patch_tags(request: Request) -> Response:
+        allowed(request, Level.CAN_MANAGE)
         body = await _json_body(request)
         return json_response(service.patch_tags(request.path_params["name"], body))
 
     async def logs(request: Request) -> Response:
+        allowed(request, Level.CAN_MANAGE)  # replica output may show what the model's environment holds
         p = request.path_params
         return json_response(service.logs(p["name"], p["served"]))
 
     async def build_logs(request: Request) -> Response:
+        allowed(request, Level.CAN_MANAGE)
         p = request.path_params
         return json_response(service.logs(p["name"], p["served"], build=True))
 
     async def openapi(request: Request) -> Response:
         # The serving config's entities (the pending one's while the endpoint is being created).
+        allowed(request, Level.CAN_VIEW)
         name = request.path_params["name"]
         view = service.get(name)
         config = view.get("config") or view.get("pending_config") or {}
@@ -88,13 +131,78 @@ def build_control_app(service: EndpointService) -> Starlette:
         return Response(orjson.dumps(doc, option=orjson.OPT_INDENT_2), media_type=media)
 
     async def metrics(request: Request) -> Response:
+        allowed(request, Level.CAN_VIEW)
         text = service.metrics(request.path_params["name"])
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def decisions(request: Request) -> Response:
+        allowed(request, Level.CAN_VIEW)
         q = request.query_params
         return json_response(service.decisions(request.path_params["name"], q.get("served_entity_name"),
                                                q.get("limit", "100")))
+
+    # Identities and credentials
+    async def scim_create(request: Request) -> Response:
+        return json_response(access.scim_create(caller_of(request), request.path_params["kind"],
+                                                await _json_body(request)), 201)
+
+    async def scim_list(request: Request) -> Response:
+        return json_response(access.scim_list(caller_of(request), request.path_params["kind"]))
+
+    async def scim_get(request: Request) -> Response:
+        p = request.path_params
+        return json_response(access.scim_get(caller_of(request), p["kind"], p["id"]))
+
+    async def scim_delete(request: Request) -> Response:
+        p = request.path_params
+        access.scim_delete(caller_of(request), p["kind"], p["id"])
+        return Response(status_code=204)
+
+    async def me(request: Request) -> Response:
+        return json_response(access.me(caller_of(request)))
+
+    async def new_secret(request: Request) -> Response:
+        return json_response(access.new_secret(caller_of(request), request.path_params["id"]))
+
+    async def token_create(request: Request) -> Response:
+        return json_response(access.create_token(caller_of(request), await _json_body(request)))
+
+    async def token_on_behalf(request: Request) -> Response:
+        return json_response(access.create_token_for(caller_of(request), await _json_body(request)))
+
+    async def token_list(request: Request) -> Response:
+        return json_response(access.list_tokens(caller_of(request)))
+
+    async def token_delete(request: Request) -> Response:
+        access.delete_token(caller_of(request), await _json_body(request))
+        return json_response({})
+
+    async def oidc_metadata(request: Request) -> Response:
+        return json_response(oauth.metadata(str(request.base_url)))
+
+    async def host_metadata(request: Request) -> Response:
+        return json_response(oauth.host_metadata(str(request.base_url)))
+
+    async def oidc_token(request: Request) -> Response:
+        try:
+            answer = access.oauth_token(await request.body(), request.headers.get("authorization"))
+        except oauth.OAuthError as exc:
+            return json_response(exc.to_dict(), exc.status)
+        return json_response(answer)
+
+    async def permissions_get(request: Request) -> Response:
+        return json_response(access.get_permissions(caller_of(request), request.path_params["endpoint_id"]))
+
+    async def permissions_put(request: Request) -> Response:
+        return json_response(access.set_permissions(caller_of(request), request.path_params["endpoint_id"],
+                                                    await _json_body(request), replace=True))
+
+    async def permissions_patch(request: Request) -> Response:
+        return json_response(access.set_permissions(caller_of(request), request.path_params["endpoint_id"],
+                                                    await _json_body(request), replace=False))
+
+    async def permission_levels(request: Request) -> Response:
+        return json_response(access.permission_levels(caller_of(request), request.path_params["endpoint_id"]))
 
     async def on_berth_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BerthError)
@@ -122,6 +230,23 @@ def build_control_app(service: EndpointService) -> Starlette:
         Route(BASE + "/{name}/openapi", openapi, methods=["GET"]),
         Route(BASE + "/{name}/metrics", metrics, methods=["GET"]),
         Route(BASE + "/{name}/autoscaler/decisions", decisions, methods=["GET"]),
+        Route(SCIM + "/Me", me, methods=["GET"]),
+        Route(SCIM + "/{kind:scim}", scim_create, methods=["POST"]),
+        Route(SCIM + "/{kind:scim}", scim_list, methods=["GET"]),
+        Route(SCIM + "/{kind:scim}/{id}", scim_get, methods=["GET"]),
+        Route(SCIM + "/{kind:scim}/{id}", scim_delete, methods=["DELETE"]),
+        Route("/api/2.0/accounts/servicePrincipals/{id}/credentials/secrets", new_secret, methods=["POST"]),
+        Route("/api/2.0/token/create", token_create, methods=["POST"]),
+        Route("/api/2.0/token/list", token_list, methods=["GET"]),
+        Route("/api/2.0/token/delete", token_delete, methods=["POST"]),
+        Route("/api/2.0/token-management/on-behalf-of/tokens", token_on_behalf, methods=["POST"]),
+        Route(oauth.HOST_METADATA_PATH, host_metadata, methods=["GET"]),
+        Route(OIDC_METADATA, oidc_metadata, methods=["GET"]),
+        Route(OIDC_TOKEN, oidc_token, methods=["POST"]),
+        Route(PERMISSIONS, permissions_get, methods=["GET"]),
+        Route(PERMISSIONS, permissions_put, methods=["PUT"]),
+        Route(PERMISSIONS, permissions_patch, methods=["PATCH"]),
+        Route(PERMISSIONS + "/permissionLevels", permission_levels, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

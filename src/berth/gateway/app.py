@@ -13,7 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from berth.errors import BerthError, DeadlineExceeded, ResourceDoesNotExist, TemporarilyUnavailable
+from berth.access import oauth
+from berth.access.permissions import Caller
+from berth.errors import BerthError, DeadlineExceeded, PermissionDenied, ResourceDoesNotExist, TemporarilyUnavailable
 from berth.gateway.auth import TokenAuthority
 from berth.gateway.routing import EntityRoute, EntityStatus, RoutingTable, choose_entity, choose_replica, failed
 from berth.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
@@ -27,15 +29,14 @@ from berth.http import (
     error_body,
     header,
     read_body,
-    send_error,
     send_response,
 )
 from berth.observability.metrics import Metrics
 
+OPEN_PATHS = frozenset({oauth.METADATA_PATH, oauth.TOKEN_PATH, oauth.HOST_METADATA_PATH})  # OAuth discovery, token
 INVOCATIONS_PREFIX = "/serving-endpoints/"
 INVOCATIONS_SUFFIX = "/invocations"
 _HEALTH_HEADERS = [(b"content-type", JSON)]
-_NOT_FOUND = b'{"error_code":"NOT_FOUND","message":"Not found"}'
 HOLD_RETRY_S = 0.25  # a held request looks again at least this often, even with no new routing table
 
 
@@ -79,7 +80,7 @@ class Gateway:
         upstream = self.upstreams.get(replica_id)
         return upstream.outstanding if upstream is not None else 0
 
-    async def invoke(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def invoke(self, name: str, scope: Scope, receive: Receive, send: Send, caller: Caller) -> None:
         body = await read_body(receive)
         read_at = time.perf_counter()
         route = self.table.endpoints.get(name)
@@ -88,6 +89,8 @@ class Gateway:
         if route is None:
             outcome = ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
             name = ""  # unknown names get no metric series of their own
+        elif not self.auth.may_query(caller, name):
+            outcome = PermissionDenied(f"{caller.name} does not have CAN_QUERY on endpoint '{name}'.")
         else:
             choice = choose_entity(route, random.random() * 100.0)
             if isinstance(choice, BerthError):
@@ -239,24 +242,32 @@ class RootApp:
         if path in ("/ping", "/health"):
             await send_response(send, 200, b"\n", [*_HEALTH_HEADERS, self.gateway.name_header])
             return
-        if path == "/.well-known/databricks-config":
-            await send_response(send, 404, _NOT_FOUND, _HEALTH_HEADERS)
+        if path in OPEN_PATHS:  # OAuth discovery and the token endpoint: no token yet
+            await self.control(scope, receive, self._naming(send))
             return
         try:
-            self.gateway.auth.check(header(scope, b"authorization"))
+            caller = self.gateway.auth.authenticate(header(scope, b"authorization"))
         except BerthError as exc:
-            await send_error(send, exc)
+            await self._refuse(send, exc)
             return
         if path == "/metrics" and scope["method"] == "GET":
+            if not caller.admin:
+                await self._refuse(send, PermissionDenied("Only admins may read the platform's metrics."))
+                return
             metrics = self.gateway.metrics
             await send_response(send, 200, metrics.render(), [(b"content-type", metrics.content_type.encode())])
             return
         if path.startswith(INVOCATIONS_PREFIX) and path.endswith(INVOCATIONS_SUFFIX):
             name = path[len(INVOCATIONS_PREFIX) : -len(INVOCATIONS_SUFFIX)]
             if "/" not in name and name and scope["method"] == "POST":
-                await self.gateway.invoke(name, scope, receive, send)
+                await self.gateway.invoke(name, scope, receive, send, caller)
                 return
+        scope["berth.caller"] = caller
         await self.control(scope, receive, self._naming(send))
+
+    async def _refuse(self, send: Send, exc: BerthError) -> None:
+        status, body, headers = error_body(exc)
+        await send_response(send, status, body, [*headers, self.gateway.name_header])
 
     def _naming(self, send: Send) -> Send:
         """`send` with this gateway process's name on the response (control-plane answers too)."""
