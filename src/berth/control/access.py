@@ -63,10 +63,6 @@ class AccessService:
         if not caller.admin:
             raise PermissionDenied("Only admins may manage users, service principals and their credentials.")
 
-    def level(self, caller: Caller, endpoint_name: str) -> Level | None:
-        record = self.store.get_endpoint(endpoint_name)  # 404 first
-        return level_of(caller, self.access.acl(record.id))
-
     def require(self, caller: Caller, endpoint_name: str, needed: Level) -> Level:
         """The caller's level on the endpoint, or 404 (no such endpoint) / 403 (not enough)."""
         record = self.store.get_endpoint(endpoint_name)
@@ -143,7 +139,7 @@ class AccessService:
         secret = oauth.new_secret()
         self.access.set_secret(principal.id, _hash_secret(secret))
         now = time.time()
-        return {"id": principal.id, "secret": secret, "status": "ACTIVE", "secret_hash": "",
+        return {"id": principal.id, "secret": secret, "status": "ACTIVE",
                 "create_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
 
     # OAuth

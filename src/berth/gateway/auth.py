@@ -85,9 +85,6 @@ class TokenAuthority:
         self._cache[authorization] = (caller, expiry)
         return caller
 
-    def check(self, authorization: bytes | None) -> None:
-        self.authenticate(authorization)
-
     def may_query(self, caller: Caller, endpoint: str) -> bool:
         return caller.admin or caller.id in self.state.queriers.get(endpoint, ())
 
