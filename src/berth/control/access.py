@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from berth.access import oauth
-from berth.access.permissions import Caller, Level, acl_view, allows, level_of, levels_view, parse_acl
+from berth.access.permissions import Caller, Level, acl_view, level_of, levels_view, parse_acl
 from berth.errors import InvalidParameterValue, PermissionDenied, ResourceDoesNotExist
 from berth.gateway.auth import AccessState, hash_token, new_token
 from berth.store.access import Principal, TokenRecord
@@ -65,12 +65,22 @@ class AccessService:
 
     def require(self, caller: Caller, endpoint_name: str, needed: Level) -> Level:
         """The caller's level on the endpoint, or 404 (no such endpoint) / 403 (not enough)."""
-        record = self.store.get_endpoint(endpoint_name)
-        acl = self.access.acl(record.id)
-        if not allows(caller, acl, needed):
-            raise PermissionDenied(f"{caller.name} does not have {needed.name} on endpoint '{endpoint_name}'.")
-        level = level_of(caller, acl)
-        assert level is not None
+        endpoint_id = self.access.endpoint_id(endpoint_name)
+        if endpoint_id is None:
+            raise ResourceDoesNotExist(f"Endpoint '{endpoint_name}' does not exist.")
+        return self._check(caller, endpoint_name, endpoint_id, needed)
+
+    def _require_id(self, caller: Caller, endpoint_id: str, needed: Level) -> Level:
+        """`require` for the Permissions API, which names endpoints by id."""
+        name = self.access.endpoint_name(endpoint_id)
+        if name is None:
+            raise ResourceDoesNotExist(f"Serving endpoint with id '{endpoint_id}' does not exist.")
+        return self._check(caller, name, endpoint_id, needed)
+
+    def _check(self, caller: Caller, name: str, endpoint_id: str, needed: Level) -> Level:
+        level = level_of(caller, self.access.acl(endpoint_id))
+        if level is None or level < needed:
+            raise PermissionDenied(f"{caller.name} does not have {needed.name} on endpoint '{name}'.")
         return level
 
     def visible(self, caller: Caller) -> Callable[[str], bool]:
@@ -198,18 +208,12 @@ class AccessService:
                 "comment": t.comment}
 
     # Permissions (by endpoint id)
-    def _endpoint_name(self, endpoint_id: str) -> str:
-        for record in self.store.list_endpoints():
-            if record.id == endpoint_id:
-                return record.name
-        raise ResourceDoesNotExist(f"Serving endpoint with id '{endpoint_id}' does not exist.")
-
     def get_permissions(self, caller: Caller, endpoint_id: str) -> dict[str, Any]:
-        self.require(caller, self._endpoint_name(endpoint_id), Level.CAN_VIEW)
+        self._require_id(caller, endpoint_id, Level.CAN_VIEW)
         return self._acl_view(endpoint_id)
 
     def set_permissions(self, caller: Caller, endpoint_id: str, body: Any, *, replace: bool) -> dict[str, Any]:
-        self.require(caller, self._endpoint_name(endpoint_id), Level.CAN_MANAGE)
+        self._require_id(caller, endpoint_id, Level.CAN_MANAGE)
 
         def resolve(kind: str, name: str) -> str | None:
             found = self.access.find(kind, name)
@@ -221,7 +225,7 @@ class AccessService:
         return self._acl_view(endpoint_id)
 
     def permission_levels(self, caller: Caller, endpoint_id: str) -> dict[str, Any]:
-        self.require(caller, self._endpoint_name(endpoint_id), Level.CAN_VIEW)
+        self._require_id(caller, endpoint_id, Level.CAN_VIEW)
         return levels_view()
 
     def _acl_view(self, endpoint_id: str) -> dict[str, Any]:

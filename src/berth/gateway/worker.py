@@ -35,6 +35,7 @@ class Feed:
         self.server = server
         self.writer: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[None] | None = None
+        self._access: object = None  # the access state last applied (as sent)
 
     async def connect(self) -> None:
         reader, self.writer = await asyncio.open_unix_connection(self.path, limit=1 << 26)
@@ -53,7 +54,9 @@ class Feed:
 
     def apply(self, line: bytes) -> None:
         state = orjson.loads(line)
-        self.gateway.auth.replace(AccessState.from_json(state["access"]))
+        if state["access"] != self._access:  # most lines change only the routes: keep the credential cache
+            self._access = state["access"]
+            self.gateway.auth.replace(AccessState.from_json(self._access))
         self.gateway.set_routes(RoutingTable.from_json(state["routes"]))
 
     async def _follow(self, reader: asyncio.StreamReader) -> None:

@@ -181,6 +181,15 @@ class AccessStore:
             if conn.execute(query).rowcount == 0:
                 raise ResourceDoesNotExist(f"Token '{token_id}' does not exist.")
 
+    # Endpoint identity (the Permissions API names endpoints by id, the rest by name)
+    def endpoint_id(self, name: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(endpoints.c.id).where(endpoints.c.name == name)).scalar()
+
+    def endpoint_name(self, endpoint_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(endpoints.c.name).where(endpoints.c.id == endpoint_id)).scalar()
+
     # Grants
     def acl(self, endpoint_id: str) -> dict[str, Level]:
         with self.engine.connect() as conn:
