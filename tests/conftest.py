@@ -203,3 +203,21 @@ def unique_name(request: pytest.FixtureRequest) -> str:
     """An endpoint name unique in the session (tests share a server)."""
     base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40].strip("-")
     return f"{base}-{next(_counter)}"
+
+
+REDIS_URL = os.environ.get("BERTH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The local Redis server (`scripts/setup test` installs and starts it); its absence is a failure."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"Redis is not answering at {REDIS_URL} ({exc}); run ./scripts/setup test to start it.")
+    finally:
+        client.close()
+    return REDIS_URL

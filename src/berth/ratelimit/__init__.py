@@ -1,0 +1,1 @@
+"""Rate limits: exact sliding windows, locally shared across gateway processes or in Redis."""
