@@ -26,6 +26,8 @@ from berth.client.loadtest import HttpTarget, LoadResult, LoadSpec, LoadTestErro
 from tests.conftest import REPO
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+REFUSED = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 2\r\n\r\n{}"
+SLOW_OK_S = 0.03
 
 
 def berth(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -90,7 +92,8 @@ def test_loadtest_reports_a_missing_endpoint(shared_server: Any) -> None:
 class StubServer:
     """An HTTP/1.1 server on a loopback port, in a thread: `ok` answers at once; `stall` holds every
     answer due in [0.5 s, 1.0 s) after the first request until 1.0 s; `drop` closes the connection
-    instead of answering every third request; `silent` never answers; `garbage` answers non-HTTP."""
+    instead of answering every third request; `silent` never answers; `garbage` answers non-HTTP;
+    `refuse` answers every other request 429 at once and the others 200 after 30 ms."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -130,6 +133,11 @@ class StubServer:
             transport.write(b"HELLO\r\n\r\n")
         elif self.mode == "drop" and self.requests % 3 == 0:
             transport.close()
+        elif self.mode == "refuse":
+            if self.requests % 2:
+                transport.write(REFUSED)
+            else:
+                self.loop.call_later(SLOW_OK_S, transport.write, OK)
         elif self.mode == "stall" and self.first + 0.5 <= now < self.first + 1.0:
             self.loop.call_later(self.first + 1.0 - now, transport.write, OK)
         else:
@@ -184,6 +192,20 @@ def test_closed_loop_sees_one_slow_request_where_the_open_loop_sees_many(stub: S
     assert_accounted(as_dict(result))
     assert result.latency_ms["max"] >= 400  # the one request the server held
     assert result.latency_ms["p90"] < 50, result.latency_ms  # …and nothing queued behind it was sent
+
+
+@pytest.mark.parametrize("stub", ["refuse"], indirect=True)
+def test_latency_is_split_by_status_code(stub: StubServer) -> None:
+    result = load(stub, concurrency=8, rate=200, duration_s=1.0)
+    data = as_dict(result)
+    assert_accounted(data)
+    assert set(result.status_codes) == {200, 429}
+    by_status = data["latency_by_status"]
+    assert {code: s["count"] for code, s in by_status.items()} == data["status_codes"]
+    for stats in by_status.values():
+        assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["p99.9"] <= stats["max"], stats
+    assert by_status["200"]["p50"] >= SLOW_OK_S * 1000  # the server held every 200 this long
+    assert max(s["max"] for s in by_status.values()) == data["latency_ms"]["max"]
 
 
 @pytest.mark.parametrize("stub", ["drop"], indirect=True)

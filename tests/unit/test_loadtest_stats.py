@@ -1,4 +1,5 @@
-"""`berth loadtest`'s pure parts: the latency histogram, the request bytes, the recommendation."""
+"""`berth loadtest`'s pure parts: the latency histogram and its split by status, the request bytes, the
+recommendation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import httptools
 import numpy as np
 import pytest
 
-from berth.client.loadtest import HttpTarget, LatencyHistogram, LoadSpec, LoadTestError, recommend_concurrency
+from berth.client.loadtest import (
+    HttpTarget,
+    LatencyHistogram,
+    LoadSpec,
+    LoadTestError,
+    fold_by_status,
+    latency_summary,
+    recommend_concurrency,
+)
 
 
 def test_histogram_percentiles_match_exact_ones_within_half_a_percent() -> None:
@@ -34,6 +43,30 @@ def test_histogram_small_and_edge_values() -> None:
     big = LatencyHistogram()
     big.add(np.array([3_600 * 10**9], dtype=np.int64))  # an hour
     assert big.percentile(50) == 3_600 * 10**9
+
+
+def test_latencies_split_by_status_code_as_folded_in_pieces() -> None:
+    rng = np.random.default_rng(3)
+    ok = rng.integers(20_000_000, 40_000_000, size=3_000)  # 20–40 ms answers
+    refused = rng.integers(100_000, 900_000, size=5_000)  # sub-ms refusals
+    latencies = np.concatenate([ok, refused, [7_000_000]])
+    codes = np.concatenate([np.full(ok.size, 200), np.full(refused.size, 429), [503]])
+    order = rng.permutation(latencies.size)
+    latencies, codes = latencies[order], codes[order]
+    hists: dict[int, LatencyHistogram] = {}
+    for lat_chunk, code_chunk in zip(np.array_split(latencies, 7), np.array_split(codes, 7), strict=True):
+        fold_by_status(hists, lat_chunk, code_chunk)
+    fold_by_status(hists, np.array([1_000_000], dtype=np.int64), np.array([503]))  # a chunk of one code
+    assert sorted(hists) == [200, 429, 503]
+    assert (hists[200].total, hists[429].total, hists[503].total) == (ok.size, refused.size, 2)
+    assert (hists[200].min_ns, hists[200].max_ns) == (ok.min(), ok.max())
+    assert hists[429].max_ns == refused.max()
+    for q in (50, 99):
+        assert hists[200].percentile(q) == pytest.approx(np.percentile(ok, q, method="inverted_cdf"), rel=0.005)
+        assert hists[429].percentile(q) == pytest.approx(np.percentile(refused, q, method="inverted_cdf"), rel=0.005)
+    summary = latency_summary(hists[503])
+    assert summary["p50"] == pytest.approx(1.0, rel=0.005)
+    assert (summary["max"], summary["mean"]) == (7.0, 4.0)
 
 
 def test_recommendation_is_littles_law_rounded_up() -> None:

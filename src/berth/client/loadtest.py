@@ -2,8 +2,9 @@
 
 Built so it is never the bottleneck it measures: raw asyncio protocols on uvloop, httptools'
 response parser, keep-alive connections with one request outstanding each (no pipelining), the
-request bytes built once, and latencies taken with `perf_counter_ns` into a flat `array('q')`
-that a timer folds into an HDR-style histogram (numpy) a few times a second.
+request bytes built once, and latencies taken with `perf_counter_ns` into a flat `array('q')` (the
+status codes into a parallel `array('H')`) that a timer folds into HDR-style histograms (numpy) a
+few times a second: one of every answer, and one per status code (a 429 is not a 200).
 
 - Closed loop (`rate=None`): every connection sends its next request as soon as the last answer
   arrives; latency runs from the send.
@@ -199,6 +200,8 @@ class LoadResult:
     status_codes: dict[int, int]
     errors: dict[str, int]
     connect_errors: int
+    # status code -> count, p50, p90, p99, p99.9, max and mean (ms) of the answers with that code
+    latency_by_status: dict[int, dict[str, float]] = field(default_factory=dict)
     waited_for_connection: int = 0
     max_backlog: int = 0
     generator_cpu: float = 0.0  # CPU this process used while loading, as a share of one core
@@ -225,6 +228,10 @@ class LoadResult:
             "rps": round(self.rps, 3),
             "latency_ms": {k: round(v, 4) for k, v in self.latency_ms.items()},
             "status_codes": {str(k): v for k, v in sorted(self.status_codes.items())},
+            "latency_by_status": {
+                str(code): {k: v if k == "count" else round(v, 4) for k, v in stats.items()}
+                for code, stats in sorted(self.latency_by_status.items())
+            },
             "errors": dict(self.errors),
             "connect_errors": self.connect_errors,
             "waited_for_connection": self.waited_for_connection,
@@ -237,6 +244,27 @@ class LoadResult:
             },
             "notes": list(self.notes),
         }
+
+
+def latency_summary(hist: LatencyHistogram) -> dict[str, float]:
+    """p50, p90, p99, p99.9, max and mean of a histogram, in milliseconds."""
+    latency = {name: hist.percentile(q) / 1e6 for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))}
+    latency["max"] = hist.max_ns / 1e6
+    latency["mean"] = hist.mean_ns / 1e6
+    return latency
+
+
+def fold_by_status(
+    hists: dict[int, LatencyHistogram], latencies: np.ndarray[Any, np.dtype[np.int64]],
+    codes: np.ndarray[Any, np.dtype[np.int64]],
+) -> None:
+    """Add each latency to the histogram of its answer's status code (`codes` parallel to `latencies`)."""
+    present = np.unique(codes)
+    for code in present.tolist():
+        hist = hists.get(code)
+        if hist is None:
+            hist = hists[code] = LatencyHistogram()
+        hist.add(latencies if present.size == 1 else latencies[codes == code])
 
 
 def recommend_concurrency(target_qps: float, p50_s: float) -> int:
@@ -287,8 +315,10 @@ class _Connection(asyncio.Protocol):
         run.outstanding -= 1
         run.completed += 1
         if self.measured:
+            code = self.parser.get_status_code()
             run.record(now - self.start)
-            run.status[self.parser.get_status_code()] += 1
+            run.record_code(code)
+            run.status[code] += 1
         if self.parser.should_keep_alive():
             run.next_request(self, now)
         elif self.transport is not None:
@@ -313,7 +343,10 @@ class _Run:
         self.loop = asyncio.get_running_loop()
         self.latencies = array.array("q")
         self.record = self.latencies.append
+        self.codes = array.array("H")  # the status code of each latency, in the same order
+        self.record_code = self.codes.append
         self.hist = LatencyHistogram()
+        self.by_status: dict[int, LatencyHistogram] = {}
         self.status = [0] * 1000
         self.errors = dict.fromkeys(REQUEST_ERRORS, 0)
         self.connect_errors = 0
@@ -424,11 +457,13 @@ class _Run:
 
     # bookkeeping
     def fold(self) -> None:
-        """Move the raw latencies into the histogram."""
+        """Move the raw latencies into the histograms (all answers, and their status code's)."""
         if self.latencies:
             chunk = np.array(self.latencies, dtype=np.int64)
-            del self.latencies[:]
+            codes = np.array(self.codes, dtype=np.int64)
+            del self.latencies[:], self.codes[:]
             self.hist.add(chunk)
+            fold_by_status(self.by_status, chunk, codes)
 
     def answered(self) -> int:
         return sum(self.status) + sum(self.errors.values())
@@ -502,18 +537,14 @@ class _Run:
     def result(self) -> LoadResult:
         hist, spec = self.hist, self.spec
         responses = sum(self.status)
-        latency = {
-            name: hist.percentile(q) / 1e6
-            for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))
-        }
-        latency["max"] = hist.max_ns / 1e6
-        latency["mean"] = hist.mean_ns / 1e6
+        latency = latency_summary(hist)
+        by_status = {code: {"count": h.total, **latency_summary(h)} for code, h in sorted(self.by_status.items())}
         rps = self.in_window / spec.duration_s
         return LoadResult(
             url=self.target.url, method=self.target.method, body_bytes=len(self.target.body), mode=spec.mode,
             connections=spec.concurrency, rate=spec.rate, duration_s=spec.duration_s, warmup_s=spec.warmup_s,
             requests=self.issued, responses=responses, in_window=self.in_window, rps=rps, latency_ms=latency,
-            status_codes={code: n for code, n in enumerate(self.status) if n},
+            status_codes={code: n for code, n in enumerate(self.status) if n}, latency_by_status=by_status,
             errors=dict(self.errors), connect_errors=self.connect_errors,
             waited_for_connection=self.waited, max_backlog=self.max_backlog, generator_cpu=self.cpu_share,
         )
@@ -635,6 +666,9 @@ def render_result(result: LoadResult, explicit_target: bool) -> Any:
     table.add_row("latency ms", "  ".join(f"{k} {_ms(lat[k])}" for k in ("p50", "p90", "p99", "p99.9", "max"))
                   + f"  (mean {_ms(lat['mean'])})")
     table.add_row("status", "  ".join(f"{code}: {n:,}" for code, n in sorted(result.status_codes.items())) or "-")
+    if len(result.latency_by_status) > 1:  # one status: the latency row above is its own
+        for code, stats in result.latency_by_status.items():
+            table.add_row(f"  {code} ms", "  ".join(f"{k} {_ms(stats[k])}" for k in ("p50", "p90", "p99", "max")))
     errors = [f"{kind} {n:,}" for kind, n in result.errors.items() if n]
     if result.connect_errors:
         errors.append(f"connect {result.connect_errors:,} (no request lost)")
