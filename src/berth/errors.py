@@ -2,7 +2,7 @@
 
     BerthError (error_code, http_status)
     ├── InvalidParameterValue   400 INVALID_PARAMETER_VALUE
-    ├── BadRequest              400 BAD_REQUEST
+    ├── BadRequest              400 BAD_REQUEST (also: JSON nested too deep, too many rows)
     ├── MalformedRequest        400 MALFORMED_REQUEST (body is not JSON)
     ├── InvalidState            400 INVALID_STATE   (served entities failed; not retryable)
     ├── Unauthenticated         401 UNAUTHENTICATED
@@ -10,6 +10,8 @@
     ├── ResourceDoesNotExist    404 RESOURCE_DOES_NOT_EXIST
     ├── ResourceAlreadyExists   409 RESOURCE_ALREADY_EXISTS
     ├── ResourceConflict        409 RESOURCE_CONFLICT
+    ├── PayloadTooLarge         413 PAYLOAD_TOO_LARGE (body over BERTH_MAX_BODY_MB; berth.payload)
+    ├── HeadersTooLarge         431 REQUEST_HEADER_FIELDS_TOO_LARGE (headers over BERTH_MAX_HEADER_KB)
     ├── TemporarilyUnavailable  503 TEMPORARILY_UNAVAILABLE (carries Retry-After)
     ├── DeadlineExceeded        504 DEADLINE_EXCEEDED
     └── InternalError           500 INTERNAL_ERROR
@@ -80,6 +82,20 @@ class ResourceAlreadyExists(BerthError):
 class ResourceConflict(BerthError):
     error_code = "RESOURCE_CONFLICT"
     http_status = 409
+
+
+class PayloadTooLarge(BerthError):
+    """The request body is over the size limit (`berth.payload`)."""
+
+    error_code = "PAYLOAD_TOO_LARGE"
+    http_status = 413
+
+
+class HeadersTooLarge(BerthError):
+    """A request header, or all of them together, are over the size limit (`berth.payload`)."""
+
+    error_code = "REQUEST_HEADER_FIELDS_TOO_LARGE"
+    http_status = 431
 
 
 class TemporarilyUnavailable(BerthError):

@@ -30,8 +30,10 @@ from berth.control.service import EndpointService
 from berth.gateway.app import Gateway, RootApp
 from berth.gateway.auth import AccessState, TokenAuthority, hash_token, new_token
 from berth.gateway.hub import GatewayHub, listening_socket
+from berth.gateway.protocol import head_limited
 from berth.gateway.routing import RoutingTable
 from berth.observability.metrics import Metrics
+from berth.payload import PayloadLimits
 from berth.settings import Settings
 from berth.store import Store
 
@@ -49,6 +51,7 @@ class Platform:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.payload_limits = PayloadLimits.from_settings(settings)  # what one request may carry
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.resolved_store_url)
         self.backend = LocalBackend(
@@ -57,6 +60,7 @@ class Platform:
             pool=PoolPolicy(floor=settings.warm_pool_min, memory_cap_mb=settings.warm_pool_memory_mb,
                             window_s=settings.warm_pool_window_s),
             memory_limit_mb=settings.replica_memory_limit_mb,
+            payload_limits=self.payload_limits,
         )
         self.auth = TokenAuthority()
         self.access = AccessService(self.store, on_change=self._publish_access)
@@ -66,13 +70,13 @@ class Platform:
             run_dir = Path(tempfile.mkdtemp(prefix="berth-gw-"))  # short: it holds Unix sockets
             self.hub = GatewayHub(settings.gateway_processes, run_dir, request_timeout_s=settings.request_timeout_s,
                                   hold_timeout_s=settings.hold_timeout_s,
-                                  log_dir=settings.data_dir / "logs" / "gateway",
+                                  log_dir=settings.data_dir / "logs" / "gateway", payload_limits=self.payload_limits,
                                   on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
             shared_metrics = self.hub.metrics_dir
             shared_metrics.mkdir()
         self.metrics = Metrics(shared_dir=shared_metrics)
         self.gateway = Gateway(self.auth, self.metrics, request_timeout_s=settings.request_timeout_s,
-                               hold_timeout_s=settings.hold_timeout_s,
+                               hold_timeout_s=settings.hold_timeout_s, payload_limits=self.payload_limits,
                                on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
         self.reconciler = Reconciler(
             self.backend,
@@ -108,7 +112,7 @@ class Platform:
         self.service.autoscaling = self.autoscaling
         self.app = RootApp(
             self.gateway,
-            build_control_app(self.service, self.access),
+            build_control_app(self.service, self.access, payload_limits=self.payload_limits),
             on_startup=self.start,
             on_shutdown=self.stop,
         )
@@ -177,7 +181,7 @@ def uvicorn_config(app: RootApp) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=head_limited(app.gateway.payload_limits.max_header_bytes),  # httptools, refusing an endless head
         lifespan="on",
         access_log=False,
         log_level="warning",

@@ -66,6 +66,13 @@ class Settings:
     replica_concurrency: int = 0
     # A replica leaves the routing table this long before it is sent SIGTERM (all gateways stop using it).
     drain_settle_s: float = 1.0
+    # What one request may carry (berth.payload): the gateway answers 413 and 431, the control plane and the
+    # replicas 400. Sizes in MiB and KiB.
+    max_body_mb: float = 16.0
+    max_header_kb: float = 64.0  # all request headers together
+    max_header_field_kb: float = 16.0  # one request header
+    max_json_depth: int = 64  # nested arrays and objects of a JSON body (4 to 1024)
+    max_rows: int = 100_000  # rows of one invocation
 
     @property
     def gateway_processes(self) -> int:

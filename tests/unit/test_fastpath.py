@@ -54,6 +54,7 @@ def test_formats_parse_to_the_same_rows_in_schema_order(parser, body):
         orjson.dumps({"dataframe_split": {"columns": COLS, "data": [[1, 2, 3]]}, "params": {"k": 1}}),
         orjson.dumps({"dataframe_split": {"columns": COLS, "data": [[1, 2, 3]], "index": [7]}}),
         orjson.dumps({"dataframe_split": {"columns": COLS[:2], "data": [[1, 2]]}}),
+        orjson.dumps({"dataframe_split": {"columns": [["a"], "b", "c"], "data": [[1, 2, 3]]}}),  # unhashable
         orjson.dumps({"dataframe_split": {"columns": [*COLS, "d"], "data": [[1, 2, 3, 4]]}}),
         orjson.dumps({"dataframe_split": {"columns": COLS, "data": [[1, "2", 3]]}}),
         orjson.dumps({"dataframe_split": {"columns": COLS, "data": [[1, True, 3]]}}),

@@ -40,6 +40,7 @@ import psutil
 from berth.backends.base import ReplicaExit, ReplicaHandle, ReplicaSpec
 from berth.backends.procs import AsyncChannel, Child, become_subreaper, control_pair, spawn
 from berth.backends.warmpool import PoolPolicy, WarmPool
+from berth.payload import PayloadLimits
 from berth.process import child_setup, reap_strays
 from berth.replica.launch import THREAD_VARS, ReplicaArgs
 
@@ -95,8 +96,10 @@ class LocalBackend:
         fork: bool = True,
         pool: PoolPolicy | None = None,
         memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
+        payload_limits: PayloadLimits | None = None,
     ) -> None:
         self.log_dir = log_dir
+        self.payload_limits = payload_limits or PayloadLimits()  # replicas refuse bodies too deep, too many rows
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.python = python or sys.executable
         # Unix socket paths are limited to ~107 bytes: keep them short, outside the data dir.
@@ -360,8 +363,7 @@ class LocalBackend:
         if template.state == "ready":
             # The replica's log starts with its template's: the model load is its build log too.
             shutil.copyfile(template.log_path, replica.log_path)
-            args = ReplicaArgs(replica.handle.id, replica.spec.entity_name, replica.socket_path,
-                               replica.spec.max_concurrency, replica.spec.model_uri)
+            args = self._args(replica)
             async with template.lock:
                 reply = None
                 if template.child.poll() is None and not replica.stopped:
@@ -397,10 +399,14 @@ class LocalBackend:
         self.pool.note_demand()
         return self.pool.take()
 
+    def _args(self, replica: _LocalReplica) -> ReplicaArgs:
+        spec, limits = replica.spec, self.payload_limits
+        return ReplicaArgs(replica.handle.id, spec.entity_name, replica.socket_path, spec.max_concurrency,
+                           spec.model_uri, limits.max_rows, limits.max_json_depth)
+
     async def _start_process(self, replica: _LocalReplica) -> None:
         spec = replica.spec
-        args = ReplicaArgs(replica.handle.id, spec.entity_name, replica.socket_path, spec.max_concurrency,
-                           spec.model_uri)
+        args = self._args(replica)
         memory_limit = spec.memory_limit_mb * 2**20
         standby = self._take_standby()
         if standby is not None:
@@ -415,7 +421,8 @@ class LocalBackend:
         env = {**os.environ, **THREAD_ENV_DEFAULTS, **spec.environment_vars, "PYTHONUNBUFFERED": "1"}
         cmd = [self.python, "-m", "berth.replica", "--model-uri", spec.model_uri, "--socket", replica.socket_path,
                "--replica-id", replica.handle.id, "--name", spec.entity_name,
-               "--max-concurrency", str(spec.max_concurrency)]
+               "--max-concurrency", str(spec.max_concurrency), "--max-rows", str(args.max_rows),
+               "--max-json-depth", str(args.max_json_depth)]
         replica.child = spawn(cmd, replica.log_path, env, child_setup(os.getpid(), memory_limit))
         replica.path = "fresh"
         replica.handle = ReplicaHandle(replica.handle.id, replica.handle.address, replica.child.pid)

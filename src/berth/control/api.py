@@ -25,6 +25,7 @@ from berth.control.openapi import endpoint_openapi
 from berth.control.service import EndpointService
 from berth.errors import BerthError, InternalError, MalformedRequest, Unauthenticated
 from berth.http import error_body
+from berth.payload import PayloadLimits, is_depth_error, too_deep, too_deep_error
 
 BASE = "/api/2.0/serving-endpoints"
 SCIM = "/api/2.0/preview/scim/v2"
@@ -55,13 +56,19 @@ def error_response(exc: BerthError) -> Response:
 
 
 async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+    raw = await request.body()  # at most BERTH_MAX_BODY_MB: the gateway's `limit_body` stops longer ones
     if not raw.strip():
         return {}
+    depth = request.app.state.payload_limits.max_json_depth
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if is_depth_error(exc):
+            raise too_deep_error(depth) from exc
         raise MalformedRequest(f"Request body is not valid JSON: {exc}") from exc
+    if too_deep(body, depth):
+        raise too_deep_error(depth)
+    return body
 
 
 def caller_of(request: Request) -> Caller:
@@ -72,8 +79,10 @@ def caller_of(request: Request) -> Caller:
     return caller  # type: ignore[no-any-return]
 
 
-def build_control_app(service: EndpointService, access: AccessService) -> Starlette:
-    """The control plane's ASGI app over an `EndpointService` and an `AccessService`."""
+def build_control_app(service: EndpointService, access: AccessService, *,
+                      payload_limits: PayloadLimits | None = None) -> Starlette:
+    """The control plane's ASGI app over an `EndpointService` and an `AccessService`; request bodies are held
+    to `payload_limits`' JSON depth (their size is the gateway's to check)."""
 
     def allowed(request: Request, needed: Level) -> tuple[Caller, Level]:
         caller = caller_of(request)
@@ -248,7 +257,7 @@ def build_control_app(service: EndpointService, access: AccessService) -> Starle
         Route(PERMISSIONS, permissions_patch, methods=["PATCH"]),
         Route(PERMISSIONS + "/permissionLevels", permission_levels, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={
             BerthError: on_berth_error,
@@ -256,3 +265,5 @@ def build_control_app(service: EndpointService, access: AccessService) -> Starle
             Exception: on_unexpected,
         },
     )
+    app.state.payload_limits = payload_limits or PayloadLimits()
+    return app

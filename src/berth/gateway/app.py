@@ -28,10 +28,12 @@ from berth.http import (
     Send,
     error_body,
     header,
+    limit_body,
     read_body,
     send_response,
 )
 from berth.observability.metrics import Metrics
+from berth.payload import PayloadLimits, check_head
 
 OPEN_PATHS = frozenset({oauth.METADATA_PATH, oauth.TOKEN_PATH, oauth.HOST_METADATA_PATH})  # OAuth discovery, token
 INVOCATIONS_PREFIX = "/serving-endpoints/"
@@ -44,8 +46,10 @@ class Gateway:
     """Holds the routing table and a connection pool per ready replica."""
 
     def __init__(self, auth: TokenAuthority, metrics: Metrics, *, request_timeout_s: float, name: str = "0",
-                 hold_timeout_s: float = 60.0, on_demand: Callable[[str, str], None] | None = None) -> None:
+                 hold_timeout_s: float = 60.0, on_demand: Callable[[str, str], None] | None = None,
+                 payload_limits: PayloadLimits | None = None) -> None:
         self.auth = auth
+        self.payload_limits = payload_limits or PayloadLimits()  # what one request may carry (berth.payload)
         self.metrics = metrics
         self.name = name  # which of the host's gateway processes this is (the x-berth-gateway header)
         self.name_header = (b"x-berth-gateway", name.encode())
@@ -81,7 +85,11 @@ class Gateway:
         return upstream.outstanding if upstream is not None else 0
 
     async def invoke(self, name: str, scope: Scope, receive: Receive, send: Send, caller: Caller) -> None:
-        body = await read_body(receive)
+        try:
+            body = await read_body(receive, self.payload_limits.max_body_bytes)
+        except BerthError as exc:  # a body over the limit: it never reaches a replica
+            await self._refuse_body(name, send, exc)
+            return
         read_at = time.perf_counter()
         route = self.table.endpoints.get(name)
         entity = ""
@@ -194,6 +202,12 @@ class Gateway:
                     retry_after=1,
                 )
 
+    async def _refuse_body(self, name: str, send: Send, exc: BerthError) -> None:
+        """Answer a request refused before it was routed (its body is over the limit), and count it."""
+        status, payload, headers = error_body(exc)
+        await send_response(send, status, payload, [*headers, self.name_header])
+        self._record(name if name in self.table.endpoints else "", "", status, time.perf_counter(), exc)
+
     def _record(self, endpoint: str, entity: str, status: int, read_at: float, outcome: object) -> None:
         done = time.perf_counter()
         key = (endpoint, entity, status)
@@ -238,12 +252,16 @@ class RootApp:
             await self._lifespan(receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = check_head(scope["headers"], self.gateway.payload_limits)  # header sizes, a Content-Length too large
+        if refused is not None:
+            await self._refuse(send, refused)
+            return
         path: str = scope["path"]
         if path in ("/ping", "/health"):
             await send_response(send, 200, b"\n", [*_HEALTH_HEADERS, self.gateway.name_header])
             return
         if path in OPEN_PATHS:  # OAuth discovery and the token endpoint: no token yet
-            await self.control(scope, receive, self._naming(send))
+            await self._control(scope, receive, send)
             return
         try:
             caller = self.gateway.auth.authenticate(header(scope, b"authorization"))
@@ -263,7 +281,16 @@ class RootApp:
                 await self.gateway.invoke(name, scope, receive, send, caller)
                 return
         scope["berth.caller"] = caller
-        await self.control(scope, receive, self._naming(send))
+        await self._control(scope, receive, send)
+
+    async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The control plane, its body held to the limit. Starlette answers the refusal itself; a worker's
+        forwarder lets it out before it sent anything, and it is answered here."""
+        try:
+            limited = limit_body(receive, self.gateway.payload_limits.max_body_bytes)
+            await self.control(scope, limited, self._naming(send))
+        except BerthError as exc:
+            await self._refuse(send, exc)
 
     async def _refuse(self, send: Send, exc: BerthError) -> None:
         status, body, headers = error_body(exc)

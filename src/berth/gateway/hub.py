@@ -32,6 +32,7 @@ import orjson
 
 from berth.gateway.auth import AccessState
 from berth.gateway.routing import RoutingTable
+from berth.payload import PayloadLimits
 from berth.process import child_setup, own
 
 log = logging.getLogger("berth.gateway")
@@ -52,7 +53,8 @@ class GatewayHub:
     """Starts, feeds, watches and stops the gateway's worker processes."""
 
     def __init__(self, workers: int, run_dir: Path, *, request_timeout_s: float, log_dir: Path,
-                 hold_timeout_s: float = 60.0, on_demand: Callable[[str, str], None] | None = None) -> None:
+                 hold_timeout_s: float = 60.0, on_demand: Callable[[str, str], None] | None = None,
+                 payload_limits: PayloadLimits | None = None) -> None:
         self.count = workers - 1  # the main process is gateway 0
         self.run_dir = run_dir
         self.feed_path = str(run_dir / "feed.sock")
@@ -61,6 +63,7 @@ class GatewayHub:
         self.log_dir = log_dir
         self.request_timeout_s = request_timeout_s
         self.hold_timeout_s = hold_timeout_s
+        self.payload_limits = payload_limits or PayloadLimits()  # what one request may carry, in every worker too
         self.on_demand = on_demand  # a worker holds a request for an entity at zero
         self._state: dict[str, Any] = {"routes": [], "access": AccessState().to_json()}
         self._writers: dict[int, asyncio.StreamWriter] = {}
@@ -108,6 +111,7 @@ class GatewayHub:
             "--metrics-dir", str(self.metrics_dir), "--request-timeout", str(self.request_timeout_s),
             "--hold-timeout", str(self.hold_timeout_s),
         ]
+        cmd += ["--payload-limits", orjson.dumps(self.payload_limits.to_json()).decode()]
         # On the event loop's thread: PR_SET_PDEATHSIG fires when the thread that forked exits.
         with open(self.log_dir / f"gateway-{worker.index}.log", "ab") as out:
             worker.proc = subprocess.Popen(

@@ -21,8 +21,10 @@ from berth.gateway.app import Gateway, RootApp
 from berth.gateway.auth import AccessState, TokenAuthority
 from berth.gateway.forward import ControlForwarder
 from berth.gateway.hub import listening_socket
+from berth.gateway.protocol import head_limited
 from berth.gateway.routing import RoutingTable
 from berth.observability.metrics import Metrics
+from berth.payload import PayloadLimits
 
 
 class Feed:
@@ -81,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-dir", type=Path, required=True)
     parser.add_argument("--request-timeout", type=float, required=True)
     parser.add_argument("--hold-timeout", type=float, default=60.0)
+    parser.add_argument("--payload-limits", default="{}", help="berth.payload.PayloadLimits as JSON")
     args = parser.parse_args(argv)
+    payload_limits = PayloadLimits.from_json(orjson.loads(args.payload_limits))
 
     gateway = Gateway(TokenAuthority(), Metrics(shared_dir=args.metrics_dir), request_timeout_s=args.request_timeout,
-                      name=str(args.index), hold_timeout_s=args.hold_timeout,
+                      name=str(args.index), hold_timeout_s=args.hold_timeout, payload_limits=payload_limits,
                       on_demand=lambda endpoint, entity: feed.demand(endpoint, entity) if feed is not None else None)
     control = ControlForwarder(args.control, timeout_s=args.request_timeout)
     feed: Feed | None = None
@@ -102,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         control.close()
 
     app = RootApp(gateway, control, on_startup=startup, on_shutdown=shutdown)
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                            log_level="warning", timeout_keep_alive=75, proxy_headers=False)
+    config = uvicorn.Config(app, loop="uvloop", http=head_limited(payload_limits.max_header_bytes), lifespan="on",
+                            access_log=False, log_level="warning", timeout_keep_alive=75, proxy_headers=False)
     server = uvicorn.Server(config)
     feed = Feed(args.feed, args.index, gateway, server)
     sock = listening_socket(args.host, args.port, reuse_port=True)

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from berth.payload import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_ROWS
 from berth.replica.launch import Channel, ReplicaArgs, run_fresh, run_standby
 
 
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replica-id")
     parser.add_argument("--name", default="model")
     parser.add_argument("--max-concurrency", type=int, default=16)
+    parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows per request (BERTH_MAX_ROWS)")
+    parser.add_argument("--max-json-depth", type=int, default=DEFAULT_MAX_JSON_DEPTH,
+                        help="nesting of a JSON body (BERTH_MAX_JSON_DEPTH)")
     parser.add_argument("--standby", action="store_true", help="wait in the warm pool for an assignment")
     parser.add_argument("--template", action="store_true", help="load the model and fork replicas on request")
     parser.add_argument("--control-fd", type=int, help="the backend's control socket (standby, template)")
@@ -41,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_template(args.model_uri, args.name, Channel(args.control_fd), json.loads(args.thread_env))
     if not (args.model_uri and args.socket and args.replica_id):
         parser.error("a replica needs --model-uri, --socket and --replica-id")
-    return run_fresh(ReplicaArgs(args.replica_id, args.name, args.socket, args.max_concurrency, args.model_uri))
+    return run_fresh(ReplicaArgs(args.replica_id, args.name, args.socket, args.max_concurrency, args.model_uri,
+                                 args.max_rows, args.max_json_depth))
 
 
 if __name__ == "__main__":

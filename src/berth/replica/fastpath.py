@@ -59,6 +59,11 @@ class NumericParser:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None
+        return self.parse_obj(obj)
+
+    def parse_obj(self, obj: Any) -> Table | None:
+        """`parse` of a body orjson already parsed. A table it returns nests at most 4 deep
+        (`berth.payload.FAST_PATH_DEPTH`): the body needs no depth check."""
         if not isinstance(obj, dict):
             return None
         keys = [k for k in obj if k not in IGNORED_KEYS]
@@ -85,7 +90,9 @@ class NumericParser:
         columns, data = payload["columns"], payload["data"]
         if not isinstance(columns, list) or not isinstance(data, list) or not data:
             return None
-        if len(columns) != len(self.columns) or set(columns) != self._names:
+        if len(columns) != len(self.columns) or not all(type(c) is str for c in columns):
+            return None  # (a list as a column name is unhashable: MLflow's path answers it)
+        if set(columns) != self._names:
             return None
         if tuple(columns) == self.columns:
             return data

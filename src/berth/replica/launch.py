@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from berth.backends.base import EXIT_MODEL_LOAD_FAILED
+from berth.payload import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_ROWS, PayloadLimits
 
 if TYPE_CHECKING:
     from berth.replica.scoring import Scorer
@@ -43,14 +44,24 @@ class ReplicaArgs:
     socket: str
     max_concurrency: int
     model_uri: str
+    max_rows: int = DEFAULT_MAX_ROWS  # per request (BERTH_MAX_ROWS)
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH  # of a JSON body (BERTH_MAX_JSON_DEPTH)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ReplicaArgs:
-        return cls(data["replica_id"], data["name"], data["socket"], int(data["max_concurrency"]), data["model_uri"])
+        return cls(data["replica_id"], data["name"], data["socket"], int(data["max_concurrency"]), data["model_uri"],
+                   int(data.get("max_rows", DEFAULT_MAX_ROWS)),
+                   int(data.get("max_json_depth", DEFAULT_MAX_JSON_DEPTH)))
 
     def to_json(self) -> dict[str, Any]:
         return {"replica_id": self.replica_id, "name": self.name, "socket": self.socket,
-                "max_concurrency": self.max_concurrency, "model_uri": self.model_uri}
+                "max_concurrency": self.max_concurrency, "model_uri": self.model_uri,
+                "max_rows": self.max_rows, "max_json_depth": self.max_json_depth}
+
+    @property
+    def limits(self) -> PayloadLimits:
+        """The limits the replica enforces itself (the gateway holds bodies and headers to theirs)."""
+        return PayloadLimits(max_rows=self.max_rows, max_json_depth=self.max_json_depth)
 
 
 class Channel:
@@ -180,6 +191,7 @@ def serve(scorer: Scorer, args: ReplicaArgs, note: str = "", threads: dict[str, 
     from berth.replica.server import ReplicaApp, ReplicaServer
 
     setup = (lambda: limit_threads(threads)) if threads else None
+    scorer.limits = args.limits
     app = ReplicaApp(scorer, args.replica_id, args.name, args.max_concurrency, thread_setup=setup)
     server = ReplicaServer(app, uds=args.socket)
     listening = (f"berth replica {args.replica_id}: model loaded, serving on {args.socket} "
