@@ -38,14 +38,16 @@ DataDir = Annotated[Path | None, typer.Option("--data-dir", help="State director
 StoreUrl = Annotated[str | None, typer.Option("--store-url", help="SQLAlchemy URL [env BERTH_STORE_URL].")]
 GatewayWorkers = Annotated[int | None, typer.Option(
     "--gateway-workers", help="Gateway processes on this port (0: one per 8 cores) [env BERTH_GATEWAY_WORKERS].")]
+RedisUrl = Annotated[str | None, typer.Option(
+    "--redis-url", help="Share rate limits with other gateway hosts through this Redis [env BERTH_REDIS_URL].")]
 
 
 def _settings(host: str | None, port: int | None, data_dir: Path | None, store_url: str | None = None,  # type: ignore[no-untyped-def]
-              gateway_workers: int | None = None):
+              gateway_workers: int | None = None, redis_url: str | None = None):
     from berth.settings import Settings
 
     return Settings.from_env(bind_host=host, port=port, data_dir=data_dir, store_url=store_url,
-                             gateway_workers=gateway_workers)
+                             gateway_workers=gateway_workers, redis_url=redis_url)
 
 
 def _print_token(token: Any) -> None:
@@ -143,11 +145,11 @@ def serve(
 
 @app.command()
 def server(host: BindHost = None, port: Port = None, data_dir: DataDir = None, store_url: StoreUrl = None,
-           gateway_workers: GatewayWorkers = None) -> None:
+           gateway_workers: GatewayWorkers = None, redis_url: RedisUrl = None) -> None:
     """Run the platform as a long-lived service; endpoints come back after a restart."""
     from berth.server import run_platform
 
-    settings = _settings(host, port, data_dir, store_url, gateway_workers)
+    settings = _settings(host, port, data_dir, store_url, gateway_workers, redis_url)
 
     async def on_ready(platform: Any, url: str, token: Any) -> None:
         processes = settings.gateway_processes

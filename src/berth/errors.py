@@ -12,6 +12,9 @@
     ├── ResourceConflict        409 RESOURCE_CONFLICT
     ├── PayloadTooLarge         413 PAYLOAD_TOO_LARGE (body over BERTH_MAX_BODY_MB; berth.payload)
     ├── HeadersTooLarge         431 REQUEST_HEADER_FIELDS_TOO_LARGE (headers over BERTH_MAX_HEADER_KB)
+    ├── RequestLimitExceeded    429 REQUEST_LIMIT_EXCEEDED (a rate limit; carries Retry-After)
+    ├── ResourceExhausted       429 RESOURCE_EXHAUSTED (concurrency and queue full; carries Retry-After)
+    ├── ClientCancelled         499 CANCELLED (the client left while its request was queued)
     ├── TemporarilyUnavailable  503 TEMPORARILY_UNAVAILABLE (carries Retry-After)
     ├── DeadlineExceeded        504 DEADLINE_EXCEEDED
     └── InternalError           500 INTERNAL_ERROR
@@ -96,6 +99,27 @@ class HeadersTooLarge(BerthError):
 
     error_code = "REQUEST_HEADER_FIELDS_TOO_LARGE"
     http_status = 431
+
+
+class RequestLimitExceeded(BerthError):
+    """A rate limit's window is full (carries Retry-After: when the oldest admission leaves it)."""
+
+    error_code = "REQUEST_LIMIT_EXCEEDED"
+    http_status = 429
+
+
+class ResourceExhausted(BerthError):
+    """The served entity's provisioned concurrency and its bounded queue are full (carries Retry-After)."""
+
+    error_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+
+class ClientCancelled(BerthError):
+    """The client went away before its request ran (the answer is recorded, never read)."""
+
+    error_code = "CANCELLED"
+    http_status = 499
 
 
 class TemporarilyUnavailable(BerthError):

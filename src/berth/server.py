@@ -34,6 +34,7 @@ from berth.gateway.protocol import head_limited
 from berth.gateway.routing import RoutingTable
 from berth.observability.metrics import Metrics
 from berth.payload import PayloadLimits
+from berth.ratelimit.shared import close_limiter, make_limiter
 from berth.settings import Settings
 from berth.store import Store
 
@@ -69,13 +70,17 @@ class Platform:
         if settings.gateway_processes > 1:
             run_dir = Path(tempfile.mkdtemp(prefix="berth-gw-"))  # short: it holds Unix sockets
             self.hub = GatewayHub(settings.gateway_processes, run_dir, request_timeout_s=settings.request_timeout_s,
-                                  hold_timeout_s=settings.hold_timeout_s,
+                                  hold_timeout_s=settings.hold_timeout_s, redis_url=settings.redis_url,
                                   log_dir=settings.data_dir / "logs" / "gateway", payload_limits=self.payload_limits,
                                   on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
             shared_metrics = self.hub.metrics_dir
             shared_metrics.mkdir()
         self.metrics = Metrics(shared_dir=shared_metrics)
-        self.gateway = Gateway(self.auth, self.metrics, request_timeout_s=settings.request_timeout_s,
+        # Rate-limit windows: in files every gateway process of this host maps, or in Redis for all hosts.
+        self.run_dir = self.hub.run_dir if self.hub is not None else Path(tempfile.mkdtemp(prefix="berth-gw-"))
+        self.limiter = make_limiter(settings.redis_url, self.run_dir / "limits")
+        self.gateway = Gateway(self.auth, self.metrics, self.limiter, processes=settings.gateway_processes,
+                               request_timeout_s=settings.request_timeout_s,
                                hold_timeout_s=settings.hold_timeout_s, payload_limits=self.payload_limits,
                                on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
         self.reconciler = Reconciler(
@@ -104,7 +109,8 @@ class Platform:
             AutoscalerSettings(time_scale=scale, scale_to_zero_idle=settings.scale_to_zero_idle_s / scale),
             vertical=settings.replica_concurrency <= 0,
             memory_limit_mb=settings.replica_memory_limit_mb,
-            held=lambda endpoint, entity: self.gateway.holding.get((endpoint, entity), 0),
+            held=self.gateway.waiting,
+            rejected=self.gateway.rejected,
             metrics=self.metrics,
         )
         self.service = EndpointService(self.store, self.reconciler, cores=settings.cores,
@@ -171,10 +177,10 @@ class Platform:
         await self.autoscaling.stop()
         await self.reconciler.stop()
         self.gateway.close()
+        await close_limiter(self.limiter)
         await self.backend.close()
         self.store.close()
-        if self.hub is not None:
-            shutil.rmtree(self.hub.run_dir, ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def uvicorn_config(app: RootApp) -> uvicorn.Config:

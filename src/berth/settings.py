@@ -10,7 +10,8 @@ from typing import Any
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_REPLICA_MEMORY_LIMIT_MB = 4096
-DEFAULT_REQUEST_TIMEOUT_S = 60.0
+# A request's deadline, queueing included (Databricks' model execution limit): past it, 504 DEADLINE_EXCEEDED.
+DEFAULT_REQUEST_TIMEOUT_S = 297.0
 DEFAULT_REPLICA_START_TIMEOUT_S = 300.0
 DEFAULT_CRASH_LIMIT = 5
 DEFAULT_CRASH_BACKOFF_S = 0.5
@@ -73,6 +74,8 @@ class Settings:
     max_header_field_kb: float = 16.0  # one request header
     max_json_depth: int = 64  # nested arrays and objects of a JSON body (4 to 1024)
     max_rows: int = 100_000  # rows of one invocation
+    # Rate limits shared across gateway hosts through this Redis server; unset: shared by this host's processes.
+    redis_url: str | None = None
 
     @property
     def gateway_processes(self) -> int:

@@ -63,7 +63,9 @@ def workers_of(server) -> list[psutil.Process]:  # type: ignore[no-untyped-def]
 def test_two_gateway_processes_share_the_port_the_metrics_and_the_control_plane(server_factory, model_zoo):
     server = server_factory(args=["--gateway-workers", "2"])
     (worker,) = workers_of(server)
-    server.deploy("shared", model_zoo("sklearn_classifier"))
+    # Provisioned concurrency for every connection: admission refuses none (each process admits half).
+    server.deploy("shared", model_zoo("sklearn_classifier"), min_provisioned_concurrency=CONNECTIONS,
+                  max_provisioned_concurrency=CONNECTIONS)
     before = requests_total(server.client.get("/metrics").text, "shared")
 
     answers = asyncio.run(load(server.url, server.token, "/serving-endpoints/shared/invocations", BODY))

@@ -101,7 +101,7 @@ async def _blast(
     return results
 
 
-def blast(server: ServerProcess, name: str, total: int, concurrency: int = 24) -> list[tuple[int, str, Any]]:
+def blast(server: ServerProcess, name: str, total: int, concurrency: int = 8) -> list[tuple[int, str, Any]]:
     return asyncio.run(_blast(server, name, total, concurrency))
 
 

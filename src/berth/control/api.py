@@ -21,6 +21,7 @@ from starlette.routing import Route
 from berth.access import oauth
 from berth.access.permissions import Caller, Level
 from berth.control.access import AccessService
+from berth.control.api_doc import DOC_PATH, platform_openapi, route_pairs
 from berth.control.openapi import endpoint_openapi
 from berth.control.service import EndpointService
 from berth.errors import BerthError, InternalError, MalformedRequest, Unauthenticated
@@ -117,6 +118,16 @@ def build_control_app(service: EndpointService, access: AccessService, *,
         body = await _json_body(request)
         return json_response(service.patch_tags(request.path_params["name"], body))
 
+    async def put_ai_gateway(request: Request) -> Response:
+        allowed(request, Level.CAN_MANAGE)
+        body = await _json_body(request)
+        return json_response(service.put_ai_gateway(request.path_params["name"], body))
+
+    async def put_rate_limits(request: Request) -> Response:
+        allowed(request, Level.CAN_MANAGE)
+        body = await _json_body(request)
+        return json_response(service.put_ai_gateway(request.path_params["name"], body, legacy=True))
+
     async def logs(request: Request) -> Response:
         allowed(request, Level.CAN_MANAGE)  # replica output may show what the model's environment holds
         p = request.path_params
@@ -149,6 +160,10 @@ def build_control_app(service: EndpointService, access: AccessService, *,
         q = request.query_params
         return json_response(service.decisions(request.path_params["name"], q.get("served_entity_name"),
                                                q.get("limit", "100")))
+
+    async def platform_doc(request: Request) -> Response:
+        caller_of(request)  # any authenticated caller
+        return json_response(platform_openapi(route_pairs(request.app.routes), str(request.base_url)))
 
     # Identities and credentials
     async def scim_create(request: Request) -> Response:
@@ -234,11 +249,14 @@ def build_control_app(service: EndpointService, access: AccessService, *,
         Route(BASE + "/{name}", delete, methods=["DELETE"]),
         Route(BASE + "/{name}/config", update_config, methods=["PUT"]),
         Route(BASE + "/{name}/tags", patch_tags, methods=["PATCH"]),
+        Route(BASE + "/{name}/ai-gateway", put_ai_gateway, methods=["PUT"]),
+        Route(BASE + "/{name}/rate-limits", put_rate_limits, methods=["PUT"]),
         Route(BASE + "/{name}/served-models/{served}/logs", logs, methods=["GET"]),
         Route(BASE + "/{name}/served-models/{served}/build-logs", build_logs, methods=["GET"]),
         Route(BASE + "/{name}/openapi", openapi, methods=["GET"]),
         Route(BASE + "/{name}/metrics", metrics, methods=["GET"]),
         Route(BASE + "/{name}/autoscaler/decisions", decisions, methods=["GET"]),
+        Route(DOC_PATH, platform_doc, methods=["GET"]),
         Route(SCIM + "/Me", me, methods=["GET"]),
         Route(SCIM + "/{kind:scim}", scim_create, methods=["POST"]),
         Route(SCIM + "/{kind:scim}", scim_list, methods=["GET"]),

@@ -48,6 +48,7 @@ class _Track:
     samples: deque[Sample]
     next_decision: float
     in_front: float = 0.0  # in flight + held at the previous sample
+    rejected: int = 0  # the gateway's capacity refusals counted at the previous sample
     last_saved: float = 0.0
     complete: bool = True  # every ready replica answered the last sample
 
@@ -57,14 +58,15 @@ class AutoscalingLoop:
 
     def __init__(self, reconciler: object, store: Store, settings: AutoscalerSettings, *, vertical: bool,
                  memory_limit_mb: int, held: Callable[[str, str], int], metrics: Metrics | None = None,
-                 forecast: bool = True) -> None:
+                 forecast: bool = True, rejected: Callable[[str, str], int] | None = None) -> None:
         self.reconciler = reconciler
         self.backend = reconciler.backend  # type: ignore[attr-defined]
         self.store = store
         self.settings = settings
         self.vertical = vertical
         self.memory_limit_bytes = memory_limit_mb * 2**20  # 0: no limit (no memory signal)
-        self.held = held
+        self.held = held  # requests the gateway holds for a replica or queues for a slot
+        self.rejected = rejected  # the gateway's 429 RESOURCE_EXHAUSTED count so far (demand it could not admit)
         self.metrics = metrics
         self.forecast = forecast
         self._marks: dict[str, _Mark] = {}
@@ -192,10 +194,13 @@ class AutoscalingLoop:
             self._marks[rid] = _Mark(requests, service_s, cpu_s, now)
         held = self.held(endpoint_name, entity.spec.name)
         in_front = in_flight + held
-        arrived = max(0, completed + round(in_front - track.in_front))
+        refused = self.rejected(endpoint_name, entity.spec.name) if self.rejected is not None else 0
+        rejected, track.rejected = max(0, refused - track.rejected), refused
+        arrived = max(0, completed + round(in_front - track.in_front)) + rejected
         track.in_front = in_front
         return Sample(
-            t=now, in_flight=float(in_flight - waiting), queued=float(held + waiting), rejected=0, arrived=arrived,
+            t=now, in_flight=float(in_flight - waiting), queued=float(held + waiting), rejected=rejected,
+            arrived=arrived,
             completed=completed,
             latency_s=latency / completed if completed else None, ready=len(ready),
             starting=len(entity.starting_replicas), concurrency=entity.concurrency,

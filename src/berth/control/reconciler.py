@@ -236,6 +236,8 @@ class Reconciler:
             for replica, ok in zip(stale, done, strict=True):
                 if ok:
                     replica.concurrency = want
+            if any(done):
+                self.publish_routes()  # the gateways admit by the new concurrency
 
     def _on_exit(self, entity: EntityRuntime, replica: ReplicaState, exit_info: ReplicaExit, now: float) -> None:
         tail = exit_info.log_tail.strip()
@@ -359,7 +361,7 @@ def build_routing_table(endpoints: object) -> RoutingTable:
     for endpoint in endpoints:  # type: ignore[attr-defined]
         active: ConfigRuntime | None = endpoint.active
         if active is None:
-            table[endpoint.name] = EndpointRoute(endpoint.name, (), creating=True)
+            table[endpoint.name] = EndpointRoute(endpoint.name, (), creating=True, rate_limits=endpoint.rate_limits)
             continue
         weights = {r.served_model_name: r.traffic_percentage for r in active.config.routes}
         entities = []
@@ -380,7 +382,8 @@ def build_routing_table(endpoints: object) -> RoutingTable:
                     status=status,
                     replicas=tuple((r.handle.id, r.handle.address) for r in ent.ready_replicas),
                     message=ent.message if status is EntityStatus.FAILED else "",
+                    concurrency=sum(r.concurrency or ent.concurrency for r in ent.ready_replicas),
                 )
             )
-        table[endpoint.name] = EndpointRoute(endpoint.name, tuple(entities))
+        table[endpoint.name] = EndpointRoute(endpoint.name, tuple(entities), rate_limits=endpoint.rate_limits)
     return RoutingTable(table)

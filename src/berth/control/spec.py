@@ -212,7 +212,7 @@ def _int_field(raw: dict[str, Any], key: str, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isdecimal() and len(value) <= 18:  # not "²", nor past int()'s limit
             return int(value)
         raise InvalidParameterValue(f"{where}.{key} must be an integer, got {value!r}.")
     return value

@@ -13,6 +13,7 @@ from typing import Any
 from berth.autoscaler import Bounds, Decision
 from berth.backends.base import ReplicaHandle
 from berth.control.spec import EndpointConfig, ReplicaPlan, ServedEntitySpec
+from berth.ratelimit.rules import RateLimit
 
 
 class Ready(enum.StrEnum):
@@ -167,6 +168,7 @@ class EndpointRuntime:
     config_update: ConfigUpdate = ConfigUpdate.IN_PROGRESS
     tags: list[dict[str, str]] = field(default_factory=list)
     description: str | None = None
+    rate_limits: tuple[RateLimit, ...] = ()  # the AI-gateway rate limits, enforced by the gateway
 
     def entities(self) -> list[EntityRuntime]:
         """Every distinct entity of the active and pending configs."""
@@ -204,6 +206,8 @@ class EndpointRuntime:
         }
         if self.description is not None:
             out["description"] = self.description
+        if self.rate_limits:
+            out["ai_gateway"] = {"rate_limits": [r.to_dict() for r in self.rate_limits]}
         if self.active is not None:
             out["config"] = self.active.view(self.creator)
         if self.pending is not None:

@@ -8,6 +8,7 @@ everything else goes to the control plane's app.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -15,9 +16,27 @@ from typing import Any
 
 from berth.access import oauth
 from berth.access.permissions import Caller
-from berth.errors import BerthError, DeadlineExceeded, PermissionDenied, ResourceDoesNotExist, TemporarilyUnavailable
+from berth.errors import (
+    BerthError,
+    ClientCancelled,
+    DeadlineExceeded,
+    PermissionDenied,
+    RequestLimitExceeded,
+    ResourceDoesNotExist,
+    ResourceExhausted,
+    TemporarilyUnavailable,
+)
+from berth.gateway.admission import Admission, Verdict, retry_after_s
 from berth.gateway.auth import TokenAuthority
-from berth.gateway.routing import EntityRoute, EntityStatus, RoutingTable, choose_entity, choose_replica, failed
+from berth.gateway.routing import (
+    EndpointRoute,
+    EntityRoute,
+    EntityStatus,
+    RoutingTable,
+    choose_entity,
+    choose_replica,
+    failed,
+)
 from berth.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
 from berth.http import (
     JSON,
@@ -34,6 +53,11 @@ from berth.http import (
 )
 from berth.observability.metrics import Metrics
 from berth.payload import PayloadLimits, check_head
+from berth.ratelimit import Limiter
+from berth.ratelimit.local import retry_after
+from berth.ratelimit.rules import windows
+
+log = logging.getLogger("berth.gateway")
 
 OPEN_PATHS = frozenset({oauth.METADATA_PATH, oauth.TOKEN_PATH, oauth.HOST_METADATA_PATH})  # OAuth discovery, token
 INVOCATIONS_PREFIX = "/serving-endpoints/"
@@ -42,15 +66,24 @@ _HEALTH_HEADERS = [(b"content-type", JSON)]
 HOLD_RETRY_S = 0.25  # a held request looks again at least this often, even with no new routing table
 
 
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client has gone (the request's body is already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class Gateway:
     """Holds the routing table and a connection pool per ready replica."""
 
-    def __init__(self, auth: TokenAuthority, metrics: Metrics, *, request_timeout_s: float, name: str = "0",
-                 hold_timeout_s: float = 60.0, on_demand: Callable[[str, str], None] | None = None,
-                 payload_limits: PayloadLimits | None = None) -> None:
+    def __init__(self, auth: TokenAuthority, metrics: Metrics, limiter: Limiter, *, request_timeout_s: float,
+                 name: str = "0", hold_timeout_s: float = 60.0,
+                 on_demand: Callable[[str, str], None] | None = None,
+                 payload_limits: PayloadLimits | None = None, processes: int = 1) -> None:
         self.auth = auth
         self.payload_limits = payload_limits or PayloadLimits()  # what one request may carry (berth.payload)
         self.metrics = metrics
+        self.limiter = limiter  # the host's (or, with Redis, every host's) rate-limit windows
+        self._limiter_warned = 0.0
         self.name = name  # which of the host's gateway processes this is (the x-berth-gateway header)
         self.name_header = (b"x-berth-gateway", name.encode())
         self._counters: dict[tuple[str, str, int], Any] = {}
@@ -62,6 +95,8 @@ class Gateway:
         self.on_demand = on_demand  # (endpoint, entity): a request waits for an entity at zero
         self._routes_changed: asyncio.Future[None] | None = None
         self.holding: dict[tuple[str, str], int] = {}  # requests waiting for a replica, by (endpoint, entity)
+        self.admissions: dict[tuple[str, str], Admission] = {}  # in flight and queued, by (endpoint, entity)
+        self.processes = processes  # the host's gateway processes: each admits its share of the concurrency
 
     def set_routes(self, table: RoutingTable) -> None:
         """Swap in a new routing table; pools of replicas it no longer names are closed."""
@@ -76,9 +111,25 @@ class Gateway:
             if rid not in self.upstreams:
                 self.upstreams[rid] = Upstream(address)
         self.table = table
+        current = {(ep.name, e.name): e.concurrency for ep in table.endpoints.values() for e in ep.entities}
+        for key, admission in list(self.admissions.items()):
+            if key in current:
+                admission.resize(self._share(current[key]))
+            elif not admission.in_flight and not admission.queued:
+                del self.admissions[key]
         changed, self._routes_changed = self._routes_changed, None
         if changed is not None and not changed.done():
             changed.set_result(None)  # held requests look again
+
+    def waiting(self, endpoint: str, entity: str) -> int:
+        """Requests for the entity waiting in this process: for a ready replica, or in its admission queue."""
+        admission = self.admissions.get((endpoint, entity))
+        return self.holding.get((endpoint, entity), 0) + (admission.queued if admission is not None else 0)
+
+    def rejected(self, endpoint: str, entity: str) -> int:
+        """Requests for the entity refused 429 RESOURCE_EXHAUSTED by this process so far."""
+        admission = self.admissions.get((endpoint, entity))
+        return admission.rejected if admission is not None else 0
 
     def _outstanding(self, replica_id: str) -> int:
         upstream = self.upstreams.get(replica_id)
@@ -99,13 +150,16 @@ class Gateway:
             name = ""  # unknown names get no metric series of their own
         elif not self.auth.may_query(caller, name):
             outcome = PermissionDenied(f"{caller.name} does not have CAN_QUERY on endpoint '{name}'.")
+        elif route.rate_limits and (refused := await self._limit(route, caller)) is not None:
+            outcome = refused
         else:
             choice = choose_entity(route, random.random() * 100.0)
             if isinstance(choice, BerthError):
                 outcome = choice
             else:
                 entity = choice.name
-                outcome = await self._forward(name, choice, body, header(scope, b"content-type") or b"")
+                outcome = await self._forward(name, choice, body, header(scope, b"content-type") or b"", receive,
+                                              read_at + self.request_timeout_s)
         if isinstance(outcome, BerthError):
             status, payload, headers = error_body(outcome)
             headers.append(self.name_header)
@@ -116,57 +170,136 @@ class Gateway:
         await send_response(send, status, payload, headers)
         self._record(name, entity, status, read_at, outcome)
 
+    async def _limit(self, route: EndpointRoute, caller: Caller) -> RequestLimitExceeded | None:
+        """Count the request in the endpoint's rate-limit windows; the refusal if one is full."""
+        try:
+            wait = await self.limiter.admit(windows(route.rate_limits, route.name, caller))
+        except Exception as exc:  # the shared store is down: limits must not take the endpoint down
+            self.metrics.limiter_errors.inc()
+            now = time.monotonic()
+            if now - self._limiter_warned > 10.0:
+                self._limiter_warned = now
+                log.warning("rate limiter unavailable, admitting requests unchecked: %r", exc)
+            return None
+        if not wait:
+            return None
+        self.metrics.rate_limited.labels(route.name).inc()
+        return RequestLimitExceeded(
+            f"Rate limit of endpoint '{route.name}' exceeded; retry in {wait:.1f} s.", retry_after=retry_after(wait)
+        )
+
     async def _forward(
-        self, name: str, choice: EntityRoute, body: bytes, content_type: bytes
+        self, name: str, choice: EntityRoute, body: bytes, content_type: bytes, receive: Receive, deadline: float
     ) -> UpstreamResponse | BerthError:
-        """Send the request to a ready replica of the entity. With none (starting, restarting, at
-        zero, or each one refused the connection) the request waits for the next routing table
-        that has one, up to `hold_timeout_s`."""
+        """Send the request to a ready replica of the entity, once admission lets it in (at most the
+        entity's provisioned concurrency in flight, a bounded queue behind). With no ready replica
+        (starting, restarting, at zero, or each one refused the connection) the request waits for the
+        next routing table that has one, up to `hold_timeout_s`. Nothing outlives `deadline`."""
         gone: set[str] = set()  # replicas that refused the connection: the request never reached them
         held_since: float | None = None
         replicas = choice.replicas
-        while True:
-            if gone:
-                replicas = tuple(r for r in replicas if r[0] not in gone)
-            if not replicas:
-                if held_since is None:
-                    held_since = time.perf_counter()
-                key = (name, choice.name)
-                self.holding[key] = self.holding.get(key, 0) + 1
-                try:
-                    held = await self._hold(name, choice, gone, held_since)
-                finally:
-                    self.holding[key] -= 1
-                if isinstance(held, BerthError):
-                    return held
-                choice, replicas = held, held.replicas
-                continue
-            replica_id, _ = choose_replica(replicas, self._outstanding)
-            upstream = self.upstreams.get(replica_id)
-            try:
-                if upstream is None:  # removed from the table while the body was read
-                    raise UpstreamError("replica was removed", delivered=False)
-                return await upstream.request(b"/invocations", body, content_type, self.request_timeout_s)
-            except UpstreamError as exc:
-                if not exc.delivered:  # the replica is gone: another one may take it
-                    gone.add(replica_id)
+        slot: Admission | None = None  # the admission slot this request holds
+        service_s: float | None = None
+        try:
+            while True:
+                if gone:
+                    replicas = tuple(r for r in replicas if r[0] not in gone)
+                if not replicas:
+                    if held_since is None:
+                        held_since = time.perf_counter()
+                    key = (name, choice.name)
+                    self.holding[key] = self.holding.get(key, 0) + 1
+                    try:
+                        held = await self._hold(name, choice, gone, held_since, deadline)
+                    finally:
+                        self.holding[key] -= 1
+                    if isinstance(held, BerthError):
+                        return held
+                    choice, replicas = held, held.replicas
                     continue
-                return TemporarilyUnavailable(
-                    f"Replica of served entity '{choice.name}' stopped before answering ({exc}); retry the request.",
-                    retry_after=1,
-                )
-            except TimeoutError:
-                return DeadlineExceeded(
-                    f"Served entity '{choice.name}' did not answer within {self.request_timeout_s:g} s."
-                )
+                if slot is None and choice.concurrency > 0:
+                    admission = self._admission(name, choice)
+                    refused = await self._admit(name, choice.name, admission, deadline, receive)
+                    if refused is not None:
+                        return refused
+                    slot = admission
+                replica_id, _ = choose_replica(replicas, self._outstanding)
+                upstream = self.upstreams.get(replica_id)
+                try:
+                    if upstream is None:  # removed from the table while the body was read
+                        raise UpstreamError("replica was removed", delivered=False)
+                    response = await upstream.request(b"/invocations", body, content_type,
+                                                      max(0.001, deadline - time.perf_counter()))
+                    service_s = response.received_at - response.sent_at
+                    return response
+                except UpstreamError as exc:
+                    if not exc.delivered:  # the replica is gone: another one may take it
+                        gone.add(replica_id)
+                        continue
+                    return TemporarilyUnavailable(
+                        f"Replica of served entity '{choice.name}' stopped before answering ({exc}); "
+                        "retry the request.",
+                        retry_after=1,
+                    )
+                except TimeoutError:
+                    return DeadlineExceeded(
+                        f"Served entity '{choice.name}' did not answer within the request deadline "
+                        f"({self.request_timeout_s:g} s)."
+                    )
+        finally:
+            if slot is not None:
+                slot.release(service_s)
 
-    async def _hold(self, name: str, entity: EntityRoute, gone: set[str], since: float) -> EntityRoute | BerthError:
+    def _admission(self, name: str, choice: EntityRoute) -> Admission:
+        key = (name, choice.name)
+        admission = self.admissions.get(key)
+        if admission is None:
+            admission = self.admissions[key] = Admission(self._share(choice.concurrency))
+        return admission
+
+    def _share(self, concurrency: int) -> int:
+        """This process's part of an entity's provisioned concurrency (the host's gateway processes split it)."""
+        return -(-concurrency // self.processes)
+
+    async def _admit(self, name: str, entity: str, admission: Admission, deadline: float,
+                     receive: Receive) -> BerthError | None:
+        """Take a slot now, or wait in the entity's bounded queue for one; the refusal otherwise.
+        A client that disconnects while queued leaves the queue: its request never runs."""
+        remaining = deadline - time.perf_counter()
+        verdict = admission.decide(remaining)
+        if verdict is Verdict.RUN:
+            return None
+        if verdict is Verdict.REFUSE:
+            return ResourceExhausted(
+                f"Served entity '{entity}' of endpoint '{name}' is at its provisioned concurrency "
+                f"({admission.capacity} in flight, {admission.queued} queued); retry shortly.",
+                retry_after=retry_after_s(admission.queued, admission.capacity, admission.service_s),
+            )
+        waiter = admission.enqueue()
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            done, _ = await asyncio.wait((waiter, watch), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if waiter in done:
+            return None
+        admission.leave(waiter)
+        if watch in done:
+            return ClientCancelled(f"The client disconnected while its request waited for served entity '{entity}'.")
+        return DeadlineExceeded(
+            f"Served entity '{entity}' of endpoint '{name}' gave the request no slot within its deadline "
+            f"({self.request_timeout_s:g} s)."
+        )
+
+    async def _hold(
+        self, name: str, entity: EntityRoute, gone: set[str], since: float, request_deadline: float
+    ) -> EntityRoute | BerthError:
         """Wait for a routing table in which the entity has a ready replica not in `gone`; wake it
         if it is at zero. Answers an error after `hold_timeout_s`, or when the entity failed."""
-        deadline = since + self.hold_timeout_s
+        deadline = min(since + self.hold_timeout_s, request_deadline)
         loop = asyncio.get_running_loop()
         waited = False
-        remaining = self.hold_timeout_s
+        remaining = max(0.0, deadline - time.perf_counter())
         while True:
             if waited:
                 if self._routes_changed is None:

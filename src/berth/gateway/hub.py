@@ -7,9 +7,10 @@ socket (`berth.gateway.forward`).
 
 The hub feeds the workers what the data plane reads: on a Unix socket, each worker gets the routing
 table and the access state (token hashes, principals, grants, the OAuth key) as one JSON line when
-it connects and again on every change. Metrics are shared through prometheus-client's multiprocess
-files (`berth.observability.metrics`). A worker that dies is restarted (with backoff); workers die
-with the main process.
+it connects and again on every change. Rate-limit windows are shared through memory-mapped files
+in the run directory (`berth.ratelimit.local`), or through Redis when configured. Metrics are shared
+through prometheus-client's multiprocess files (`berth.observability.metrics`). A worker that dies
+is restarted (with backoff); workers die with the main process.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class GatewayHub:
 
     def __init__(self, workers: int, run_dir: Path, *, request_timeout_s: float, log_dir: Path,
                  hold_timeout_s: float = 60.0, on_demand: Callable[[str, str], None] | None = None,
-                 payload_limits: PayloadLimits | None = None) -> None:
+                 redis_url: str | None = None, payload_limits: PayloadLimits | None = None) -> None:
         self.count = workers - 1  # the main process is gateway 0
         self.run_dir = run_dir
         self.feed_path = str(run_dir / "feed.sock")
@@ -64,6 +65,8 @@ class GatewayHub:
         self.request_timeout_s = request_timeout_s
         self.hold_timeout_s = hold_timeout_s
         self.payload_limits = payload_limits or PayloadLimits()  # what one request may carry, in every worker too
+        self.limits_dir = run_dir / "limits"  # rate-limit windows every process maps (berth.ratelimit.local)
+        self.redis_url = redis_url  # or, across hosts, in Redis
         self.on_demand = on_demand  # a worker holds a request for an entity at zero
         self._state: dict[str, Any] = {"routes": [], "access": AccessState().to_json()}
         self._writers: dict[int, asyncio.StreamWriter] = {}
@@ -109,8 +112,11 @@ class GatewayHub:
             sys.executable, "-m", "berth.gateway.worker", "--index", str(worker.index), "--host", host,
             "--port", str(port), "--feed", self.feed_path, "--control", f"unix:{self.control_path}",
             "--metrics-dir", str(self.metrics_dir), "--request-timeout", str(self.request_timeout_s),
-            "--hold-timeout", str(self.hold_timeout_s),
+            "--hold-timeout", str(self.hold_timeout_s), "--limits-dir", str(self.limits_dir),
+            "--processes", str(self.count + 1),
         ]
+        if self.redis_url:
+            cmd += ["--redis-url", self.redis_url]
         cmd += ["--payload-limits", orjson.dumps(self.payload_limits.to_json()).decode()]
         # On the event loop's thread: PR_SET_PDEATHSIG fires when the thread that forked exits.
         with open(self.log_dir / f"gateway-{worker.index}.log", "ab") as out:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berth.errors import BerthError, InvalidState, TemporarilyUnavailable
+from berth.ratelimit.rules import RateLimit
 
 
 class EntityStatus(enum.StrEnum):
@@ -30,6 +31,7 @@ class EntityRoute:
     status: EntityStatus
     replicas: tuple[tuple[str, str], ...] = ()  # (replica id, address) of ready replicas
     message: str = ""
+    concurrency: int = 0  # provisioned concurrency of the ready replicas: what admission lets in flight
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class EndpointRoute:
     name: str
     entities: tuple[EntityRoute, ...]
     creating: bool = False  # no config has gone live yet
+    rate_limits: tuple[RateLimit, ...] = ()
     cumulative: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,9 +61,11 @@ class RoutingTable:
             {
                 "name": ep.name,
                 "creating": ep.creating,
+                "rate_limits": [r.to_dict() for r in ep.rate_limits],
                 "entities": [
                     {"name": e.name, "percentage": e.percentage, "status": e.status.value,
-                     "replicas": [list(r) for r in e.replicas], "message": e.message}
+                     "replicas": [list(r) for r in e.replicas], "message": e.message,
+                     "concurrency": e.concurrency}
                     for e in ep.entities
                 ],
             }
@@ -73,10 +78,12 @@ class RoutingTable:
         for ep in data:
             entities = tuple(
                 EntityRoute(e["name"], e["percentage"], EntityStatus(e["status"]),
-                            tuple((rid, address) for rid, address in e["replicas"]), e["message"])
+                            tuple((rid, address) for rid, address in e["replicas"]), e["message"],
+                            e["concurrency"])
                 for e in ep["entities"]
             )
-            endpoints[ep["name"]] = EndpointRoute(ep["name"], entities, ep["creating"])
+            limits = tuple(RateLimit(**r) for r in ep["rate_limits"])
+            endpoints[ep["name"]] = EndpointRoute(ep["name"], entities, ep["creating"], limits)
         return cls(endpoints)
 
 

@@ -25,6 +25,7 @@ from berth.gateway.protocol import head_limited
 from berth.gateway.routing import RoutingTable
 from berth.observability.metrics import Metrics
 from berth.payload import PayloadLimits
+from berth.ratelimit.shared import close_limiter, make_limiter
 
 
 class Feed:
@@ -83,11 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-dir", type=Path, required=True)
     parser.add_argument("--request-timeout", type=float, required=True)
     parser.add_argument("--hold-timeout", type=float, default=60.0)
+    parser.add_argument("--limits-dir", type=Path, required=True)
+    parser.add_argument("--redis-url")
+    parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--payload-limits", default="{}", help="berth.payload.PayloadLimits as JSON")
     args = parser.parse_args(argv)
     payload_limits = PayloadLimits.from_json(orjson.loads(args.payload_limits))
 
-    gateway = Gateway(TokenAuthority(), Metrics(shared_dir=args.metrics_dir), request_timeout_s=args.request_timeout,
+    limiter = make_limiter(args.redis_url, args.limits_dir)
+    gateway = Gateway(TokenAuthority(), Metrics(shared_dir=args.metrics_dir), limiter, processes=args.processes,
+                      request_timeout_s=args.request_timeout,
                       name=str(args.index), hold_timeout_s=args.hold_timeout, payload_limits=payload_limits,
                       on_demand=lambda endpoint, entity: feed.demand(endpoint, entity) if feed is not None else None)
     control = ControlForwarder(args.control, timeout_s=args.request_timeout)
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             feed.close()
         gateway.close()
         control.close()
+        await close_limiter(limiter)
 
     app = RootApp(gateway, control, on_startup=startup, on_shutdown=shutdown)
     config = uvicorn.Config(app, loop="uvloop", http=head_limited(payload_limits.max_header_bytes), lifespan="on",

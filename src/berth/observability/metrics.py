@@ -66,6 +66,17 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=own,
         )
+        self.rate_limited = Counter(
+            "berth_rate_limited",
+            "Invocations refused 429 REQUEST_LIMIT_EXCEEDED by an endpoint's rate limits.",
+            ["endpoint"],
+            registry=own,
+        )
+        self.limiter_errors = Counter(
+            "berth_rate_limiter_errors",
+            "Rate-limit checks that failed (the shared store unreachable); those requests were admitted unchecked.",
+            registry=own,
+        )
 
         # Set by the main process's autoscaling loop only ("max" over processes is its value).
         self.replicas = Gauge(
