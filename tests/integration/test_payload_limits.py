@@ -53,7 +53,11 @@ def nested(levels: int) -> Any:
 def endpoint(shared_server: ServerProcess, model_zoo: Callable[..., Any]) -> Iterator[str]:
     """A ready scikit-learn endpoint (the numeric fast path) on the shared server."""
     name = "payload-limits"
-    shared_server.deploy(name, model_zoo("sklearn_classifier"))
+    # Its entity's name is its own: replicas are found by entity name, and the shared server has others.
+    created = shared_server.create(name, {"served_entities": [
+        {"name": name, "entity_name": str(model_zoo("sklearn_classifier"))}]})
+    assert created.status_code == 200, created.text
+    assert shared_server.wait_not_updating(name)["state"]["ready"] == "READY"
     yield name
     shared_server.api("DELETE", f"/{name}")
 
