@@ -70,7 +70,8 @@ class Platform:
         if settings.gateway_processes > 1:
             run_dir = Path(tempfile.mkdtemp(prefix="berth-gw-"))  # short: it holds Unix sockets
             self.hub = GatewayHub(settings.gateway_processes, run_dir, request_timeout_s=settings.request_timeout_s,
-                                  hold_timeout_s=settings.hold_timeout_s, redis_url=settings.redis_url,
+                                  hold_timeout_s=settings.hold_timeout_s, queue_wait_s=settings.queue_wait_s,
+                                  redis_url=settings.redis_url,
                                   log_dir=settings.data_dir / "logs" / "gateway", payload_limits=self.payload_limits,
                                   on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
             shared_metrics = self.hub.metrics_dir
@@ -81,7 +82,8 @@ class Platform:
         self.limiter = make_limiter(settings.redis_url, self.run_dir / "limits")
         self.gateway = Gateway(self.auth, self.metrics, self.limiter, processes=settings.gateway_processes,
                                request_timeout_s=settings.request_timeout_s,
-                               hold_timeout_s=settings.hold_timeout_s, payload_limits=self.payload_limits,
+                               hold_timeout_s=settings.hold_timeout_s, queue_wait_s=settings.queue_wait_s,
+                               payload_limits=self.payload_limits,
                                on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
         self.reconciler = Reconciler(
             self.backend,

@@ -59,6 +59,9 @@ class Settings:
     warm_pool_window_s: float = 300.0  # demand is remembered this long
     # A request to an entity with no ready replica (starting, restarting, at zero) waits this long for one.
     hold_timeout_s: float = 60.0
+    # The admission queue's wait budget (berth.gateway.admission); 0: one observed service time, so the queue
+    # holds about the provisioned concurrency. Longer: more requests wait instead of a 429, and wait longer.
+    queue_wait_s: float = 0.0
     # An endpoint with scale_to_zero_enabled stops its replicas after this long without a request.
     scale_to_zero_idle_s: float = 1800.0
     # Every other autoscaler period and window (berth.autoscaler.settings) times this: < 1 for tests and demos.

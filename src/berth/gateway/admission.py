@@ -1,6 +1,13 @@
 """Admission: each served entity takes at most its provisioned concurrency in flight, plus a queue
 bounded to about one service time of work; beyond that a request is refused at once (429).
 
+The queue's head waits at the replicas, not here: each replica may hold up to twice its concurrency,
+one model call's worth running and one forming the next batch (`AHEAD`), so a call that ends finds
+the next one's requests already there. With the slots refilled from the gateway instead, a replica
+starts its next call on the few that arrived while the gateway was still reading the answers, and
+its batches alternate k and c − k (half full on average: BENCHMARKS.md, "Overload"). The gateway's
+own queue holds the rest of the bound: none with the default budget of one service time.
+
 `decide` is the pure rule. `Admission` holds one entity's counts and its FIFO of waiting requests in
 a gateway process (asyncio, no I/O): a finished request hands its slot straight to the oldest waiter.
 """
@@ -15,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 EWMA_WEIGHT = 0.1  # of each new service time in the running estimate
+AHEAD = 2  # requests sent on to the replicas per slot of provisioned concurrency: one running, one forming
 
 
 class Verdict(enum.Enum):
@@ -37,10 +45,11 @@ def queue_bound(capacity: int, service_s: float | None, remaining_s: float, budg
 
 def decide(in_flight: int, queued: int, capacity: int, service_s: float | None, remaining_s: float,
            budget_s: float | None = None) -> Verdict:
-    """Run, queue or refuse a request arriving now."""
-    if in_flight < capacity and queued == 0:
+    """Run (send it on to a replica), queue or refuse a request arriving now. `in_flight` counts what
+    the replicas hold, up to `AHEAD` × capacity; the part beyond the capacity belongs to the queue bound."""
+    if in_flight < AHEAD * capacity and queued == 0:
         return Verdict.RUN
-    if queued < queue_bound(capacity, service_s, remaining_s, budget_s):
+    if queued < queue_bound(capacity, service_s, remaining_s, budget_s) - capacity:
         return Verdict.QUEUE
     return Verdict.REFUSE
 
@@ -57,7 +66,7 @@ class Admission:
     """One served entity's admission state in one gateway process."""
 
     capacity: int = 0  # provisioned concurrency of its ready replicas (this process's share)
-    in_flight: int = 0
+    in_flight: int = 0  # sent on to a replica: at most AHEAD × capacity
     service_s: float | None = None  # running estimate of one request's time at a replica
     rejected: int = 0  # refusals so far (the autoscaler counts them as demand)
 
@@ -99,7 +108,7 @@ class Admission:
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                if self.in_flight <= self.capacity:  # the slot goes on (in flight stays the same)
+                if self.in_flight <= AHEAD * self.capacity:  # the slot goes on (in flight stays the same)
                     waiter.set_result(None)
                     return
                 self.waiters.appendleft(waiter)  # capacity shrank: this slot is gone
@@ -109,7 +118,7 @@ class Admission:
     def resize(self, capacity: int) -> None:
         """New ready replicas (or fewer): more room lets waiters in at once."""
         self.capacity = capacity
-        while self.waiters and self.in_flight < capacity:
+        while self.waiters and self.in_flight < AHEAD * capacity:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 self.in_flight += 1

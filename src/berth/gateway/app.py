@@ -8,6 +8,7 @@ everything else goes to the control plane's app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -72,11 +73,31 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
+async def _unless_disconnected(sent: Awaitable[UpstreamResponse], receive: Receive) -> UpstreamResponse | None:
+    """The replica's answer, or None once the client has gone first: the request to the replica is then
+    abandoned (its connection closed, so the replica drops it unless its model call already began)."""
+    task = asyncio.ensure_future(sent)
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
 class Gateway:
     """Holds the routing table and a connection pool per ready replica."""
 
     def __init__(self, auth: TokenAuthority, metrics: Metrics, limiter: Limiter, *, request_timeout_s: float,
-                 name: str = "0", hold_timeout_s: float = 60.0,
+                 name: str = "0", hold_timeout_s: float = 60.0, queue_wait_s: float = 0.0,
                  on_demand: Callable[[str, str], None] | None = None,
                  payload_limits: PayloadLimits | None = None, processes: int = 1) -> None:
         self.auth = auth
@@ -92,6 +113,7 @@ class Gateway:
         self.table = RoutingTable()
         self.upstreams: dict[str, Upstream] = {}
         self.hold_timeout_s = hold_timeout_s
+        self.queue_wait_s = queue_wait_s or None  # the admission queue's budget; None: one service time
         self.on_demand = on_demand  # (endpoint, entity): a request waits for an entity at zero
         self._routes_changed: asyncio.Future[None] | None = None
         self.holding: dict[tuple[str, str], int] = {}  # requests waiting for a replica, by (endpoint, entity)
@@ -228,8 +250,17 @@ class Gateway:
                 try:
                     if upstream is None:  # removed from the table while the body was read
                         raise UpstreamError("replica was removed", delivered=False)
-                    response = await upstream.request(b"/invocations", body, content_type,
-                                                      max(0.001, deadline - time.perf_counter()))
+                    sent = upstream.request(b"/invocations", body, content_type,
+                                            max(0.001, deadline - time.perf_counter()))
+                    if slot is not None and slot.in_flight > slot.capacity:
+                        # It waits at the replica for a model call to end: a client that leaves cancels it there.
+                        answered = await _unless_disconnected(sent, receive)
+                        if answered is None:
+                            return ClientCancelled(f"The client disconnected while its request waited at a "
+                                                   f"replica of served entity '{choice.name}'.")
+                        response = answered
+                    else:
+                        response = await sent
                     service_s = response.received_at - response.sent_at
                     return response
                 except UpstreamError as exc:
@@ -266,7 +297,7 @@ class Gateway:
         """Take a slot now, or wait in the entity's bounded queue for one; the refusal otherwise.
         A client that disconnects while queued leaves the queue: its request never runs."""
         remaining = deadline - time.perf_counter()
-        verdict = admission.decide(remaining)
+        verdict = admission.decide(remaining, self.queue_wait_s)
         if verdict is Verdict.RUN:
             return None
         if verdict is Verdict.REFUSE:

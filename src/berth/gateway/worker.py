@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limits-dir", type=Path, required=True)
     parser.add_argument("--redis-url")
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--queue-wait", type=float, default=0.0)
     parser.add_argument("--payload-limits", default="{}", help="berth.payload.PayloadLimits as JSON")
     args = parser.parse_args(argv)
     payload_limits = PayloadLimits.from_json(orjson.loads(args.payload_limits))
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     limiter = make_limiter(args.redis_url, args.limits_dir)
     gateway = Gateway(TokenAuthority(), Metrics(shared_dir=args.metrics_dir), limiter, processes=args.processes,
                       request_timeout_s=args.request_timeout,
-                      name=str(args.index), hold_timeout_s=args.hold_timeout, payload_limits=payload_limits,
+                      name=str(args.index), hold_timeout_s=args.hold_timeout, queue_wait_s=args.queue_wait,
+                      payload_limits=payload_limits,
                       on_demand=lambda endpoint, entity: feed.demand(endpoint, entity) if feed is not None else None)
     control = ControlForwarder(args.control, timeout_s=args.request_timeout)
     feed: Feed | None = None

@@ -35,7 +35,11 @@ BAD_REQUEST = b'{"error_code":"MALFORMED_REQUEST","message":"Malformed HTTP requ
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 Done = Callable[[ScoringResult], None]
-Pending = tuple[bytes, str, Done]
+Alive = Callable[[], bool]  # False once the request's client (the gateway) has closed its connection
+Pending = tuple[bytes, str, Done, Alive | None]
+# What a request whose client left before its model call gets instead of a prediction (written nowhere).
+CANCELLED = ScoringResult(499, b'{"error_code":"CANCELLED","message":"The client closed the connection"}',
+                          "application/json")
 
 
 # A model call shorter than this runs on the event loop itself: handing it to the predict thread and
@@ -56,6 +60,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=thread_setup)
         self.call_s = float("inf")  # running estimate of one model call; unknown: the thread first
         self.service_s = 0.0  # summed over requests: time each spent being scored (not waiting)
+        self.cancelled = 0  # requests dropped before their model call: their client had gone
         self._pending: deque[Pending] = deque()
         self._busy = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -68,13 +73,14 @@ class Batcher:
     def inline(self) -> bool:
         return self.call_s < INLINE_CALL_S
 
-    def submit(self, body: bytes, content_type: str, done: Done) -> None:
-        """Queue a request; `done(result)` runs on the event loop when it is scored.
+    def submit(self, body: bytes, content_type: str, done: Done, alive: Alive | None = None) -> None:
+        """Queue a request; `done(result)` runs on the event loop when it is scored (or with
+        `CANCELLED`, without a model call, when `alive()` says its client left while it waited).
 
         An idle model starts at the end of this loop iteration, not at once: requests that
         arrived in the same read from the sockets go into one call instead of the first one alone.
         """
-        self._pending.append((body, content_type, done))
+        self._pending.append((body, content_type, done, alive))
         if not self._busy:
             self._busy = True
             if self._loop is None:
@@ -82,11 +88,17 @@ class Batcher:
             self._loop.call_soon(self._next)
 
     def _next(self) -> None:
-        if not self._pending:
+        batch: list[Pending] = []
+        while self._pending and len(batch) < self.max_batch:
+            item = self._pending.popleft()
+            if item[3] is not None and not item[3]():
+                self.cancelled += 1
+                item[2](CANCELLED)
+            else:
+                batch.append(item)
+        if not batch:
             self._busy = False
             return
-        n = min(self.max_batch, len(self._pending))
-        batch = [self._pending.popleft() for _ in range(n)]
         if self.inline:
             self._answer(batch, self._run(batch))
             self._loop.call_soon(self._next)  # type: ignore[union-attr]  # read the sockets before the next batch
@@ -101,7 +113,7 @@ class Batcher:
             if len(batch) == 1:
                 results = [self.scorer.score(batch[0][0], batch[0][1])]
             else:
-                results = self.scorer.score_many([(body, ctype) for body, ctype, _ in batch])
+                results = self.scorer.score_many([(item[0], item[1]) for item in batch])
         except Exception as exc:  # the scorer turns model errors into answers: this is a bug in ours
             error = ScoringResult(500, orjson.dumps({"error_code": "INTERNAL_ERROR", "message": repr(exc)}),
                                   "application/json")
@@ -122,8 +134,8 @@ class Batcher:
 
     @staticmethod
     def _answer(batch: list[Pending], results: list[ScoringResult]) -> None:
-        for (_, _, done), result in zip(batch, results, strict=True):
-            done(result)
+        for item, result in zip(batch, results, strict=True):
+            item[2](result)
 
 
 class ReplicaApp:
@@ -150,6 +162,7 @@ class ReplicaApp:
             "in_flight": self.in_flight,
             "service_s": self.batcher.service_s,  # the autoscaler's latency signal (waiting excluded)
             "queued": self.batcher.queued,
+            "cancelled": self.batcher.cancelled,
             "batches": self.scorer.batches,
             "batched_requests": self.scorer.batched_requests,
             "largest_batch": self.scorer.largest_batch,
@@ -171,17 +184,19 @@ class ReplicaApp:
         return 200, JSON, orjson.dumps({"max_concurrency": value})
 
     def handle(self, method: bytes, path: bytes, content_type: bytes, body: bytes,
-               answer: Callable[[int, bytes, bytes], None]) -> None:
-        """Answer one request through `answer(status, content_type, body)`, now or when scored."""
+               answer: Callable[[int, bytes, bytes], None], alive: Alive | None = None) -> None:
+        """Answer one request through `answer(status, content_type, body)`, now or when scored;
+        `alive()`: whether its client still waits for the answer."""
         if path == b"/invocations" and method == b"POST":
             self.in_flight += 1
 
             def done(result: ScoringResult) -> None:
                 self.in_flight -= 1
-                self.requests += 1
+                if result is not CANCELLED:
+                    self.requests += 1
                 answer(result.status, result.content_type.encode(), result.body)
 
-            self.batcher.submit(body, content_type.decode("latin-1"), done)
+            self.batcher.submit(body, content_type.decode("latin-1"), done, alive)
         elif path in (b"/ping", b"/health") and method in (b"GET", b"HEAD"):
             answer(200, JSON, b"\n")
         elif path == b"/stats" and method == b"GET":
@@ -268,7 +283,10 @@ class _Connection(asyncio.Protocol):
             slot.data = _response(status, content_type, payload, slot.keep_alive, head=method == b"HEAD")
             self._flush()
 
-        self.app.handle(method, path, self._content_type, body, answer)
+        self.app.handle(method, path, self._content_type, body, answer, self.alive)
+
+    def alive(self) -> bool:
+        return self.transport is not None
 
     def _flush(self) -> None:
         while self.slots and self.slots[0].data is not None:
@@ -298,7 +316,7 @@ class App(Protocol):
     """What the server serves: `ReplicaApp`, or a stub in `bench/http_servers.py`."""
 
     def handle(self, method: bytes, path: bytes, content_type: bytes, body: bytes,
-               answer: Callable[[int, bytes, bytes], None]) -> None: ...
+               answer: Callable[[int, bytes, bytes], None], alive: Alive | None = None) -> None: ...
 
     def close(self) -> None: ...
 
