@@ -13,8 +13,9 @@ from collections.abc import Callable
 _PR_SET_PDEATHSIG = 1
 
 
-def child_setup(parent_pid: int, memory_limit_bytes: int = 0) -> Callable[[], None]:
-    """Runs in the child between fork and exec: die with the parent, cap the address space."""
+def child_setup(parent_pid: int, memory_limit_bytes: int = 0, nice: int = 0) -> Callable[[], None]:
+    """Runs in the child between fork and exec: die with the parent, cap the address space, lower
+    the scheduling priority by `nice`."""
 
     # Load libc here, in the parent: importing between fork and exec can deadlock.
     libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -27,6 +28,9 @@ def child_setup(parent_pid: int, memory_limit_bytes: int = 0) -> Callable[[], No
         if memory_limit_bytes > 0:
             with contextlib.suppress(ValueError, OSError):
                 resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+        if nice > 0:
+            with contextlib.suppress(OSError):
+                os.nice(nice)
 
     return setup
 

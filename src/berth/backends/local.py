@@ -55,6 +55,9 @@ THREAD_ENV_DEFAULTS = {
 LOG_TAIL_LINES = 30
 DEFAULT_MEMORY_LIMIT_MB = 4096
 REAP_EVERY_S = 5.0
+# Model processes run this much nicer than the gateway: on a busy host a gateway that waits for a core
+# delays every answer, a refusal's included, while its own share of the CPU is small (BENCHMARKS.md, "Overload").
+MODEL_NICE = 5
 
 
 @dataclass
@@ -113,7 +116,7 @@ class LocalBackend:
         base_env = {**os.environ, **THREAD_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
         self.pool = (
             WarmPool(self.python, log_dir / "standby", pool, env=base_env,
-                     preexec=child_setup(os.getpid(), memory_limit_mb * 2**20))
+                     preexec=child_setup(os.getpid(), memory_limit_mb * 2**20, MODEL_NICE))
             if pool is not None else None
         )
 
@@ -312,7 +315,8 @@ class LocalBackend:
                    "--name", spec.entity_name, "--control-fd", str(theirs.fileno()),
                    "--thread-env", json.dumps(thread_env)]
             try:
-                child = spawn(cmd, log_path, env, child_setup(os.getpid(), memory_limit), pass_fds=(theirs.fileno(),))
+                child = spawn(cmd, log_path, env, child_setup(os.getpid(), memory_limit, MODEL_NICE),
+                              pass_fds=(theirs.fileno(),))
             finally:
                 theirs.close()
             template = _Template(key, child, await AsyncChannel.open(ours), log_path)
@@ -423,7 +427,7 @@ class LocalBackend:
                "--replica-id", replica.handle.id, "--name", spec.entity_name,
                "--max-concurrency", str(spec.max_concurrency), "--max-rows", str(args.max_rows),
                "--max-json-depth", str(args.max_json_depth)]
-        replica.child = spawn(cmd, replica.log_path, env, child_setup(os.getpid(), memory_limit))
+        replica.child = spawn(cmd, replica.log_path, env, child_setup(os.getpid(), memory_limit, MODEL_NICE))
         replica.path = "fresh"
         replica.handle = ReplicaHandle(replica.handle.id, replica.handle.address, replica.child.pid)
 
