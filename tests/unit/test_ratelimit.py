@@ -57,8 +57,8 @@ def in_window(admitted: list[int], end: int) -> int:
     return bisect.bisect_right(admitted, end) - bisect.bisect_right(admitted, end - MINUTE_NS)
 
 
-@pytest.mark.parametrize("calls", [1, 7, 100])
-@pytest.mark.parametrize("shape", ["poisson", "bursty"])
+@pytest.mark.parametrize(("calls", "shape"), [  # 100 and 1,000: rings that grow from 64 slots
+    (1, "poisson"), (7, "poisson"), (100, "poisson"), (1, "bursty"), (7, "bursty"), (100, "bursty"), (1000, "bursty")])
 def test_never_more_than_calls_in_any_window_and_nothing_refused_below_it(calls: int, shape: str) -> None:
     rng = random.Random(calls * 31 + len(shape))
     arrivals = poisson(rng, 3 * calls / 60, hours=3) if shape == "poisson" else bursty(rng, hours=3)
@@ -82,6 +82,22 @@ def test_a_changed_limit_counts_what_the_window_already_admitted() -> None:
     ring.resize(20)
     assert [ring.admit(10 + i, MINUTE_NS) for i in range(12)] == [0] * 12  # 8 + 12 = 20
     assert ring.admit(30, MINUTE_NS) == MINUTE_NS - 30  # the oldest (t=0) leaves the window at 1 minute
+
+
+def test_a_ring_grows_with_the_traffic_not_with_the_limit(tmp_path: Path) -> None:
+    ring = window.Ring(1_000_000)
+    for i in range(1000):  # 1,000 a minute, spread out: the window never holds more than ~17 of them
+        assert ring.admit(i * MINUTE_NS // 1000 * 60, MINUTE_NS) == 0
+    assert len(ring.times) == window.INITIAL_SLOTS
+    for i in range(300):  # a burst of 300 inside one window: every one admitted, the ring doubled to hold them
+        assert ring.admit(61 * MINUTE_NS + i, MINUTE_NS) == 0
+    assert len(ring.times) == 512
+    limiter = HostLimiter(tmp_path)
+    for i in range(300):
+        assert limiter.admit_at([("endpoint/big", 1_000_000, 60)], 1 + i) == 0.0
+    (ring_file,) = tmp_path.glob("*.ring")
+    assert ring_file.stat().st_size < 512 * 8 + 64  # not the 8 MB a ring of a million slots would take
+    limiter.close()
 
 
 def test_host_limiter_agrees_with_the_ring_and_survives_limit_changes(tmp_path: Path) -> None:

@@ -69,23 +69,28 @@ class _Ring:
         _HEADER.pack_into(mapped, 0, len(times), 0)
         struct.pack_into(f"={len(times)}q", mapped, _HEADER.size, *times)
 
-    def locked_slots(self, calls: int) -> tuple[_Slots, int]:
-        """Under the caller's flock: the ring's slots (room for at least `calls`) and its head."""
+    def locked_slots(self, calls: int, now: int, window_ns: int) -> tuple[_Slots, int]:
+        """Under the caller's flock: the ring's slots, with the room a request at `now` needs
+        (`window.room`), and its head."""
         size = os.fstat(self.fd).st_size
-        needed = _HEADER.size + calls * _SLOT.size
         if size < _HEADER.size:  # a new file: an empty ring
+            capacity = window.initial_slots(calls)
+            needed = _HEADER.size + capacity * _SLOT.size
             os.ftruncate(self.fd, needed)
-            self._write(self._mapped(needed), [window.EMPTY] * calls)
-            return _Slots(self._mapped(needed), calls), 0
+            self._write(self._mapped(needed), [window.EMPTY] * capacity)
+            return _Slots(self._mapped(needed), capacity), 0
         mapped = self._mapped(size)
         capacity, head = _HEADER.unpack_from(mapped, 0)
-        if capacity < calls:  # a higher limit: grow the ring, keeping what the window holds
+        slots = _Slots(mapped, capacity)
+        need = window.room(slots, head, calls, now, window_ns)
+        if need > capacity:  # the window holds the ring full: grow it, keeping what it holds
             times = list(struct.unpack_from(f"={capacity}q", mapped, _HEADER.size))
+            needed = _HEADER.size + need * _SLOT.size
             os.ftruncate(self.fd, needed)
             mapped = self._mapped(needed)
-            self._write(mapped, window.grown(times, head, calls))
-            capacity, head = calls, 0
-        return _Slots(mapped, capacity), head
+            self._write(mapped, window.grown(times, head, need))
+            slots, head = _Slots(mapped, need), 0
+        return slots, head
 
     def set_head(self, head: int) -> None:
         assert self.map is not None
@@ -136,7 +141,7 @@ class HostLimiter:
             longest = 0
             for i, ring in zip(order, rings, strict=True):
                 _, calls, seconds = windows[i]
-                slots, head = ring.locked_slots(calls)
+                slots, head = ring.locked_slots(calls, now_ns, seconds * NS)
                 longest = max(longest, window.wait(slots, head, calls, now_ns, seconds * NS))
                 views.append((ring, slots, head))
             if not longest:
