@@ -9,7 +9,8 @@ concurrency, no vertical tuning) serves an endpoint whose entity has min = max p
 concurrency 8, i.e. 2 replicas × 4, of a model that sleeps 20 ms per call (no CPU). A replica
 micro-batches (what arrives during a call is its next call, up to 4), so capacity is
 replicas × concurrency ÷ sleep = 400 req/s. `berth loadtest --json` (open loop, no coordinated
-omission) loads it twice, one phase at a time, the server idle in between:
+omission), pinned to the last core (the server may use every core), loads it twice, one phase at a
+time, the server idle in between:
 
 1. **unloaded**: a low rate (50 req/s, 15 s after 2 s warm-up) → the reference p99;
 2. **overload**: 1,200 req/s for 30 s, no warm-up (the onset counts).
@@ -27,11 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,12 +240,21 @@ def loadtest(server: BerthServer, cfg: Config, rate: float, duration_s: float, w
     cmd = [sys.executable, "-m", "berth", "loadtest", ENDPOINT, "--rate", str(rate), "--duration", str(duration_s),
            "--warmup", str(warmup_s), "--concurrency", str(connections), "--timeout", str(cfg.timeout_s),
            "--body", BODY, "--json", "--host", server.url, "--token", server.token]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(),
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=_pin_generator(),
                           timeout=warmup_s + duration_s + cfg.timeout_s + 60)
     if proc.returncode != 0:
         raise BenchError(f"berth loadtest failed ({proc.returncode}): {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
+
+
+def _pin_generator() -> Callable[[], None] | None:
+    """The load generator on the host's last core only (Linux): moved between cores by the scheduler,
+    its own wake-up delays would count as the server's latency. The server may still use every core."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    last = max(os.sched_getaffinity(0))
+    return lambda: os.sched_setaffinity(0, {last})
 
 
 def run_phase(server: BerthServer, cfg: Config, name: str, rate: float, duration_s: float, warmup_s: float,

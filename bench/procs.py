@@ -123,9 +123,11 @@ class Target:
 
 @dataclass
 class BerthServer:
-    """`berth server --port 0` with its own data and config directories."""
+    """`berth server --port 0` with its own data and config directories (`module`: what runs as
+    `python -m MODULE server`, e.g. `bench.unguarded`)."""
 
     workdir: Path
+    module: str = "berth"
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     token: str = ""
@@ -143,7 +145,7 @@ class BerthServer:
         creds.unlink(missing_ok=True)
         env = clean_env(BERTH_CONFIG_DIR=str(config_dir), BERTH_ADMIN_TOKEN=f"bench_{secrets.token_hex(16)}",
                         **settings)
-        cmd = [sys.executable, "-m", "berth", "server", "--port", "0", "--data-dir", str(self.workdir / "data")]
+        cmd = [sys.executable, "-m", self.module, "server", "--port", "0", "--data-dir", str(self.workdir / "data")]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                          start_new_session=True)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
+from berth.backends.local import MODEL_NICE
 from berth.store import ReplicaRecord, Store
 from tests.conftest import REPO
 from tests.integration.replica_tools import (
@@ -77,6 +78,8 @@ def test_each_entity_runs_in_its_own_processes_and_loads_once(server_factory, mo
         assert logs[replica.replica_id].count("model loaded, serving on") == 1, logs[replica.replica_id]
         # Default memory limit: 4096 MB of address space.
         assert address_space_limit(replica.pid) == (str(4096 * MB), str(4096 * MB))
+        # Nicer than the gateway, which must never wait for a core behind the models.
+        assert psutil.Process(replica.pid).nice() == psutil.Process(server.proc.pid).nice() + MODEL_NICE
 
 
 def test_gateway_routes_only_to_ready_replicas(server_factory, model_zoo):

@@ -1,0 +1,277 @@
+"""What the hot path's guards cost: CPU per request with authentication and rate limiting on vs off.
+
+    .venv/bin/python -m bench.hot_path_cost            # 5 interleaved reps × 4 variants, 400 req/s × 10 s each
+    .venv/bin/python -m bench.hot_path_cost --smoke    # a second of load per variant: checks the harness
+    .venv/bin/python -m bench.hot_path_cost --reps 7 --rate 800 --json-out cost.json
+
+Four servers serve the same logistic-regression model (one replica, per-replica concurrency 4, no
+warm pool), one variant each:
+
+- **unguarded**: `bench.unguarded`, the product with authentication and the CAN_QUERY check
+  short-circuited (every caller an admin), no rate limits: the baseline;
+- **auth**: `berth server` as shipped, a bearer token per request, no rate limits;
+- **auth + limits (host)**: plus AI-gateway rate limits keyed by endpoint and by user, counted in
+  the host's shared-memory windows (`berth.ratelimit.local`);
+- **auth + limits (Redis)**: the same limits counted in Redis (`BERTH_REDIS_URL`, the local server).
+
+The limits are a million calls a minute, so nothing is refused: what is measured is their
+bookkeeping. Each run offers a fixed rate below saturation, open loop (`berth loadtest`, pinned to
+the last core), and measures the CPU time (user + system from /proc) of every process of the
+server's tree, the load generator excluded, divided by the requests answered; the Redis server's
+own CPU is reported beside it (it is shared infrastructure, not the server's tree). Variants are
+interleaved within each rep (one server under load at a time, the others idle) and the table
+quotes medians. Every answer must be 200: anything else fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from bench.models import build_lr, request_body
+from bench.procs import BenchError, BerthServer, clean_env, cpu_seconds, wait_idle
+
+ENDPOINT = "cost"
+LIMIT_CALLS = 1_000_000  # per minute and key: far above any run's count, so nothing is refused
+REDIS_URL = os.environ.get("BERTH_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    module: str = "berth"
+    rate_limits: bool = False
+    redis: bool = False
+
+
+VARIANTS = (
+    Variant("unguarded", module="bench.unguarded"),
+    Variant("auth"),
+    Variant("auth + limits (host)", rate_limits=True),
+    Variant("auth + limits (Redis)", rate_limits=True, redis=True),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    reps: int = 5
+    rate: float = 400.0
+    duration_s: float = 10.0
+    warmup_s: float = 1.0
+    connections: int = 16
+    json_out: Path | None = None
+
+
+SMOKE = {"reps": 1, "rate": 50.0, "duration_s": 1.0, "warmup_s": 0.0}
+
+
+@dataclass
+class Run:
+    variant: str
+    rep: int
+    answered: int
+    statuses: dict[str, int]
+    server_cpu_s: float
+    redis_cpu_s: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.server_cpu_s * 1e3 / max(self.answered, 1)
+
+    @property
+    def redis_ms_per_request(self) -> float:
+        return self.redis_cpu_s * 1e3 / max(self.answered, 1)
+
+
+@dataclass
+class Report:
+    config: Config
+    runs: list[Run] = field(default_factory=list)
+
+    def of(self, variant: str) -> list[Run]:
+        return [r for r in self.runs if r.variant == variant]
+
+    def median(self, variant: str, value: Callable[[Run], float]) -> float:
+        return statistics.median(value(r) for r in self.of(variant))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()},
+            "runs": [{**asdict(r), "cpu_ms_per_request": r.cpu_ms_per_request,
+                      "redis_ms_per_request": r.redis_ms_per_request} for r in self.runs],
+            "medians": {v.name: {"cpu_ms_per_request": self.median(v.name, Run.cpu_ms_per_request.fget),  # type: ignore[arg-type]
+                                 "redis_ms_per_request": self.median(v.name, Run.redis_ms_per_request.fget)}  # type: ignore[arg-type]
+                        for v in VARIANTS if self.of(v.name)},
+        }
+
+
+def log(message: str) -> None:
+    print(f"[hot_path_cost] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- servers and load
+
+
+def redis_process() -> psutil.Process | None:
+    """The local Redis server (its CPU is counted beside the server tree's), if one runs."""
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] and proc.info["name"].startswith("redis-server"):
+            return proc
+    return None
+
+
+def start_variant(variant: Variant, workdir: Path, model: Path) -> BerthServer:
+    server = BerthServer(workdir / variant.name.replace(" ", "_").replace("(", "").replace(")", ""),
+                         module=variant.module)
+    settings = {"BERTH_REPLICA_CONCURRENCY": "4", "BERTH_WARM_POOL_MIN": "0"}
+    if variant.redis:
+        settings["BERTH_REDIS_URL"] = REDIS_URL
+    server.start(**settings)
+    server.create_endpoint(ENDPOINT, model, 4)
+    server.wait_ready(ENDPOINT)
+    if variant.rate_limits:
+        limits = [{"calls": LIMIT_CALLS, "key": key, "renewal_period": "minute"} for key in ("endpoint", "user")]
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}, timeout=30) as c:
+            answer = c.put(f"/api/2.0/serving-endpoints/{ENDPOINT}/ai-gateway", json={"rate_limits": limits})
+        if answer.status_code != 200:
+            raise BenchError(f"setting rate limits failed: {answer.status_code} {answer.text}")
+    return server
+
+
+def served(server: BerthServer) -> int:
+    """The gateway's count of the endpoint's answers (`berth_requests_total`, every status)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}, timeout=10) as c:
+        text = c.get("/metrics").text
+    return int(sum(s.value for f in text_string_to_metric_families(text) if f.name == "berth_requests"
+                   for s in f.samples if s.name == "berth_requests_total" and s.labels.get("endpoint") == ENDPOINT))
+
+
+def _pin_generator() -> Callable[[], None] | None:
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    last = max(os.sched_getaffinity(0))
+    return lambda: os.sched_setaffinity(0, {last})
+
+
+def loadtest(server: BerthServer, cfg: Config, body: bytes) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "berth", "loadtest", ENDPOINT, "--rate", str(cfg.rate), "--duration",
+           str(cfg.duration_s), "--warmup", str(cfg.warmup_s), "--concurrency", str(cfg.connections),
+           "--body", body.decode(), "--json", "--host", server.url, "--token", server.token]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=_pin_generator(),
+                          timeout=cfg.warmup_s + cfg.duration_s + 120)
+    if proc.returncode != 0:
+        raise BenchError(f"berth loadtest failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def measure(variant: Variant, rep: int, server: BerthServer, everyone: list[BerthServer], cfg: Config,
+            body: bytes, redis: psutil.Process | None) -> Run:
+    wait_idle([p for s in everyone for p in s.processes()])
+    procs = server.processes()
+    before = served(server)  # read outside the CPU window: a scrape costs CPU too
+    cpu0, redis0 = cpu_seconds(procs), cpu_seconds([redis] if redis else [])
+    load = loadtest(server, cfg, body)
+    wait_idle(procs)
+    cpu1, redis1 = cpu_seconds(procs), cpu_seconds([redis] if redis else [])
+    answered = served(server) - before  # the warm-up's requests included: the CPU window holds them too
+    statuses = load["status_codes"]
+    if set(statuses) != {"200"} or sum(load["errors"].values()) or load["connect_errors"]:
+        raise BenchError(f"{variant.name}: not every answer was 200: {statuses}, errors {load['errors']}")
+    return Run(variant.name, rep, answered, statuses, cpu1 - cpu0, redis1 - redis0 if variant.redis else 0.0,
+               load["latency_ms"]["p50"], load["latency_ms"]["p99"])
+
+
+def run_benchmark(cfg: Config, workdir: Path) -> Report:
+    report = Report(cfg)
+    model = build_lr(workdir / "lr")
+    body = request_body()
+    redis = redis_process()
+    servers: list[BerthServer] = []
+    try:
+        for variant in VARIANTS:
+            log(f"starting {variant.name}")
+            servers.append(start_variant(variant, workdir, model))
+        for rep in range(1, cfg.reps + 1):
+            for variant, server in zip(VARIANTS, servers, strict=True):
+                run = measure(variant, rep, server, servers, cfg, body, redis)
+                log(f"rep {rep} {variant.name}: {run.cpu_ms_per_request:.3f} ms CPU/request, p50 {run.p50_ms:.2f} ms")
+                report.runs.append(run)
+    finally:
+        for server in servers:
+            server.stop()
+    return report
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_report(report: Report) -> str:
+    cfg = report.config
+    base = report.median("unguarded", Run.cpu_ms_per_request.fget)  # type: ignore[arg-type]
+    lines = [
+        "",
+        f"Hot-path guards: logistic regression, 1 replica × 4; {cfg.rate:,.0f} req/s open loop for "
+        f"{cfg.duration_s:g} s per run; {cfg.reps} interleaved rep(s); medians (min–max)",
+        "| variant | server tree CPU ms/request | vs unguarded | Redis CPU ms/request | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        runs = report.of(variant.name)
+        cpu = [r.cpu_ms_per_request for r in runs]
+        med = statistics.median(cpu)
+        redis = f"{statistics.median(r.redis_ms_per_request for r in runs):.3f}" if variant.redis else "–"
+        lines.append(
+            f"| {variant.name} | {med:.3f} ({min(cpu):.3f}–{max(cpu):.3f}) | ×{med / base:.3f} | {redis} | "
+            f"{statistics.median(r.p50_ms for r in runs):.2f} | {statistics.median(r.p99_ms for r in runs):.2f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog="python -m bench.hot_path_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a second of load per variant")
+    parser.add_argument("--reps", type=int)
+    parser.add_argument("--rate", type=float, help="offered req/s, below saturation (default 400)")
+    parser.add_argument("--duration", type=float, dest="duration_s", help="measured seconds per run (default 10)")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = dict(SMOKE) if args.smoke else {}
+    values.update({k: v for k, v in vars(args).items() if k != "smoke" and v is not None})
+    return Config(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="berth-cost-") as tmp:
+        try:
+            report = run_benchmark(cfg, Path(tmp))
+        except BenchError as exc:
+            print(f"benchmark failed: {exc}", file=sys.stderr)
+            return 1
+    print(format_report(report))
+    if cfg.json_out is not None:
+        cfg.json_out.write_text(json.dumps(report.to_dict(), indent=2))
+        log(f"results written to {cfg.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""`python -m bench.hot_path_cost --smoke` runs end to end: four real servers (guards off, auth,
+auth with host rate limits, auth with Redis rate limits) each answer every request 200, and each
+one's process tree did the work. Counts only: the CPU figures are the benchmark's to report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_hot_path_cost_benchmark_smoke(tmp_path: Path, redis_url: str) -> None:
+    json_out = tmp_path / "cost.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.hot_path_cost", "--smoke", "--json-out", str(json_out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "BERTH_BENCH_REDIS_URL": redis_url})
+    context = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, context
+    for line in ("| unguarded |", "| auth |", "| auth + limits (host) |", "| auth + limits (Redis) |"):
+        assert line in proc.stdout, context
+    runs = json.loads(json_out.read_text())["runs"]
+    assert [r["variant"] for r in runs] == ["unguarded", "auth", "auth + limits (host)", "auth + limits (Redis)"]
+    for run in runs:
+        assert set(run["statuses"]) == {"200"}, run
+        assert run["answered"] >= run["statuses"]["200"] > 0, run
+        assert run["server_cpu_s"] > 0, run
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:  # the Redis variant's requests were counted in Redis, in the endpoint's window
+        assert client.zcard("berth:rl:endpoint/cost") >= runs[-1]["statuses"]["200"]
+    finally:
+        client.close()
