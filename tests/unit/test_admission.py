@@ -25,6 +25,9 @@ def test_decide_sends_on_up_to_twice_the_capacity_then_refuses() -> None:
     verdicts = [decide(in_flight, 0, 4, 0.02, 297.0) for in_flight in (0, 3, 4, 7, 8)]
     assert verdicts == [Verdict.RUN] * 4 + [Verdict.REFUSE]
     assert decide(0, 0, 0, None, 297.0) is Verdict.REFUSE  # no ready replica's concurrency: nothing admitted
+    # Half a service time of budget (or of deadline left): only 2 may wait, at the replicas.
+    assert [decide(n, 0, 4, 0.02, 297.0, budget_s=0.010) for n in (5, 6)] == [Verdict.RUN, Verdict.REFUSE]
+    assert [decide(n, 0, 4, 0.02, remaining_s=0.010) for n in (5, 6)] == [Verdict.RUN, Verdict.REFUSE]
 
 
 def test_a_longer_budget_queues_the_rest_in_the_gateway() -> None:

@@ -46,10 +46,13 @@ def queue_bound(capacity: int, service_s: float | None, remaining_s: float, budg
 def decide(in_flight: int, queued: int, capacity: int, service_s: float | None, remaining_s: float,
            budget_s: float | None = None) -> Verdict:
     """Run (send it on to a replica), queue or refuse a request arriving now. `in_flight` counts what
-    the replicas hold, up to `AHEAD` × capacity; the part beyond the capacity belongs to the queue bound."""
-    if in_flight < AHEAD * capacity and queued == 0:
+    the replicas hold: the capacity running and, of the queue bound, up to (`AHEAD` − 1) × capacity
+    forming their next calls; the rest of the bound waits here."""
+    bound = queue_bound(capacity, service_s, remaining_s, budget_s)
+    ahead = min((AHEAD - 1) * capacity, bound)
+    if in_flight < capacity + ahead and queued == 0:
         return Verdict.RUN
-    if queued < queue_bound(capacity, service_s, remaining_s, budget_s) - capacity:
+    if queued < bound - ahead:
         return Verdict.QUEUE
     return Verdict.REFUSE
 
