@@ -100,6 +100,18 @@ def test_a_ring_grows_with_the_traffic_not_with_the_limit(tmp_path: Path) -> Non
     limiter.close()
 
 
+def test_a_ring_file_left_half_made_by_a_crash_starts_again(tmp_path: Path) -> None:
+    limiter = HostLimiter(tmp_path)
+    limiter.admit_at([("endpoint/c", 3, 60)], 1)
+    (ring_file,) = tmp_path.glob("*.ring")
+    limiter.close()
+    ring_file.write_bytes(b"\0" * 4096)  # truncated and extended, but its ring never written
+    limiter = HostLimiter(tmp_path)
+    assert [limiter.admit_at([("endpoint/c", 3, 60)], 2 + i) for i in range(4)][:3] == [0.0] * 3
+    assert limiter.admit_at([("endpoint/c", 3, 60)], 10) > 0  # counting again: the 4th (and 5th) refused
+    limiter.close()
+
+
 def test_host_limiter_agrees_with_the_ring_and_survives_limit_changes(tmp_path: Path) -> None:
     rng = random.Random(5)
     arrivals = bursty(rng, hours=0.5)

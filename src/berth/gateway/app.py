@@ -8,7 +8,6 @@ everything else goes to the control plane's app.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -87,9 +86,10 @@ async def _unless_disconnected(sent: Awaitable[UpstreamResponse], receive: Recei
         watch.cancel()
     if task in done:
         return task.result()
+    if watch.exception() is not None:  # the watch failed, not the client: wait for the answer as usual
+        return await task
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.wait((task,))  # let it close its connection; never raises (a cancel of ours still does)
     return None
 
 
@@ -113,7 +113,7 @@ class Gateway:
         self.table = RoutingTable()
         self.upstreams: dict[str, Upstream] = {}
         self.hold_timeout_s = hold_timeout_s
-        self.queue_wait_s = queue_wait_s or None  # the admission queue's budget; None: one service time
+        self.queue_wait_s = max(0.0, queue_wait_s) or None  # the admission queue's budget; None: one service time
         self.on_demand = on_demand  # (endpoint, entity): a request waits for an entity at zero
         self._routes_changed: asyncio.Future[None] | None = None
         self.holding: dict[tuple[str, str], int] = {}  # requests waiting for a replica, by (endpoint, entity)
@@ -254,13 +254,13 @@ class Gateway:
                                             max(0.001, deadline - time.perf_counter()))
                     if slot is not None and slot.in_flight > slot.capacity:
                         # It waits at the replica for a model call to end: a client that leaves cancels it there.
+                        # Its time there is not one service time (the wait is in it): not observed.
                         answered = await _unless_disconnected(sent, receive)
                         if answered is None:
                             return ClientCancelled(f"The client disconnected while its request waited at a "
                                                    f"replica of served entity '{choice.name}'.")
-                        response = answered
-                    else:
-                        response = await sent
+                        return answered
+                    response = await sent
                     service_s = response.received_at - response.sent_at
                     return response
                 except UpstreamError as exc:
@@ -303,7 +303,8 @@ class Gateway:
         if verdict is Verdict.REFUSE:
             return ResourceExhausted(
                 f"Served entity '{entity}' of endpoint '{name}' is at its provisioned concurrency "
-                f"({admission.capacity} in flight, {admission.queued} queued); retry shortly.",
+                f"({admission.capacity} running, {max(0, admission.in_flight - admission.capacity)} waiting at its "
+                f"replicas, {admission.queued} queued); retry shortly.",
                 retry_after=retry_after_s(admission.queued, admission.capacity, admission.service_s),
             )
         waiter = admission.enqueue()

@@ -73,7 +73,8 @@ class _Ring:
         """Under the caller's flock: the ring's slots, with the room a request at `now` needs
         (`window.room`), and its head."""
         size = os.fstat(self.fd).st_size
-        if size < _HEADER.size:  # a new file: an empty ring
+        capacity = _HEADER.unpack_from(self._mapped(size), 0)[0] if size >= _HEADER.size else 0
+        if capacity < 1 or size < _HEADER.size + capacity * _SLOT.size:  # new, or left half-made by a crash
             capacity = window.initial_slots(calls)
             needed = _HEADER.size + capacity * _SLOT.size
             os.ftruncate(self.fd, needed)
