@@ -194,3 +194,18 @@ def test_the_cli_creates_users_and_service_principals_with_credentials_shown_onc
     assert "PERMISSION_DENIED" in refused.stderr
     assert berth("users", "delete", name, env=env).returncode == 0
     assert call(shared_server, token, "GET", f"{SCIM}/Me").status_code == 401
+
+
+def test_scim_bodies_of_the_wrong_shape_are_refused_and_create_nothing(shared_server):  # type: ignore[no-untyped-def]
+    admin = shared_server.token
+    before = call(shared_server, admin, "GET", f"{SCIM}/Users").json()["totalResults"]
+    name = f"carol-{uuid.uuid4().hex[:6]}@example.com"
+    for body in ({"userName": name, "displayName": 7}, {"userName": name, "displayName": "  "},
+                 {"userName": name, "displayName": "x" * 257}, {"userName": ""}, {"displayName": "no user name"}):
+        bad = call(shared_server, admin, "POST", f"{SCIM}/Users", body)
+        assert bad.status_code == 400, (body, bad.text)
+        assert bad.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert call(shared_server, admin, "GET", f"{SCIM}/Users").json()["totalResults"] == before
+    made = call(shared_server, admin, "POST", f"{SCIM}/Users", {"userName": name})
+    assert made.status_code == 201, made.text
+    assert made.json()["displayName"] == name  # none given: the user name

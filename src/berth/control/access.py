@@ -100,8 +100,12 @@ class AccessService:
             name = body.get("userName")
             if not isinstance(name, str) or not name.strip() or len(name) > 256:
                 raise InvalidParameterValue("'userName' is required: a non-empty string of at most 256 characters.")
-            display = body.get("displayName") or name
-            principal = self.access.create_principal("user", name.strip(), str(display))
+            display = body.get("displayName")
+            if display is None or display == "":
+                display = name
+            elif not isinstance(display, str) or not display.strip() or len(display) > 256:
+                raise InvalidParameterValue("'displayName' must be a non-empty string of at most 256 characters.")
+            principal = self.access.create_principal("user", name.strip(), display.strip())
         else:
             display = body.get("displayName")
             app_id = body.get("applicationId") or oauth.new_application_id()
