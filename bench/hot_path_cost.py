@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.hot_path_cost --smoke    # a second of load per variant: checks the harness
     .venv/bin/python -m bench.hot_path_cost --reps 7 --rate 800 --json-out cost.json
 
-Four servers serve the same logistic-regression model (one replica, per-replica concurrency 4, no
+Four servers serve the same logistic-regression model (one replica, per-replica concurrency 16, no
 warm pool), one variant each:
 
 - **unguarded**: `bench.unguarded`, the product with authentication and the CAN_QUERY check
@@ -19,8 +19,9 @@ bookkeeping. Each run offers a fixed rate below saturation, open loop (`berth lo
 the last core), and measures the CPU time (user + system from /proc) of every process of the
 server's tree, the load generator excluded, divided by the requests answered; the Redis server's
 own CPU is reported beside it (it is shared infrastructure, not the server's tree). Variants are
-interleaved within each rep (one server under load at a time, the others idle) and the table
-quotes medians. Every answer must be 200: anything else fails the run.
+interleaved within each rep, their order rotated from rep to rep (one server under load at a time,
+the others idle), and the table quotes medians. Then each guard alone, called in a loop in this
+process: µs of CPU per call. Every answer must be 200: anything else fails the run.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ import httpx
 import psutil
 
 from bench.models import build_lr, request_body
-from bench.procs import BenchError, BerthServer, clean_env, cpu_seconds, wait_idle
+from bench.procs import BenchError, BerthServer, clean_env, cpu_seconds, pin_to_last_core, wait_idle
 
 ENDPOINT = "cost"
+CONCURRENCY = 16  # one replica
 LIMIT_CALLS = 1_000_000  # per minute and key: far above any run's count, so nothing is refused
 REDIS_URL = os.environ.get("BERTH_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -71,10 +73,11 @@ class Config:
     duration_s: float = 10.0
     warmup_s: float = 1.0
     connections: int = 16
+    guard_iterations: int = 20_000
     json_out: Path | None = None
 
 
-SMOKE = {"reps": 1, "rate": 50.0, "duration_s": 1.0, "warmup_s": 0.0}
+SMOKE = {"reps": 1, "rate": 50.0, "duration_s": 1.0, "warmup_s": 0.0, "guard_iterations": 200}
 
 
 @dataclass
@@ -101,6 +104,7 @@ class Run:
 class Report:
     config: Config
     runs: list[Run] = field(default_factory=list)
+    guards: dict[str, dict[str, float]] = field(default_factory=dict)  # guard_costs()
 
     def of(self, variant: str) -> list[Run]:
         return [r for r in self.runs if r.variant == variant]
@@ -116,6 +120,7 @@ class Report:
             "medians": {v.name: {"cpu_ms_per_request": self.median(v.name, Run.cpu_ms_per_request.fget),  # type: ignore[arg-type]
                                  "redis_ms_per_request": self.median(v.name, Run.redis_ms_per_request.fget)}  # type: ignore[arg-type]
                         for v in VARIANTS if self.of(v.name)},
+            "guards": self.guards,
         }
 
 
@@ -127,21 +132,29 @@ def log(message: str) -> None:
 
 
 def redis_process() -> psutil.Process | None:
-    """The local Redis server (its CPU is counted beside the server tree's), if one runs."""
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] and proc.info["name"].startswith("redis-server"):
-            return proc
-    return None
+    """The Redis server at `REDIS_URL` (its CPU is counted beside the server tree's), if it is local."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        return psutil.Process(int(client.info("server")["process_id"]))
+    except (redis.RedisError, psutil.Error):
+        return None
+    finally:
+        client.close()
 
 
 def start_variant(variant: Variant, workdir: Path, model: Path) -> BerthServer:
     server = BerthServer(workdir / variant.name.replace(" ", "_").replace("(", "").replace(")", ""),
                          module=variant.module)
-    settings = {"BERTH_REPLICA_CONCURRENCY": "4", "BERTH_WARM_POOL_MIN": "0"}
+    # 16 slots for the generator's 16 connections: admission never refuses, whatever the machine's stalls.
+    # One gateway process on any host: `bench.unguarded` patches only its own process.
+    settings = {"BERTH_REPLICA_CONCURRENCY": str(CONCURRENCY), "BERTH_WARM_POOL_MIN": "0",
+                "BERTH_GATEWAY_WORKERS": "1"}
     if variant.redis:
         settings["BERTH_REDIS_URL"] = REDIS_URL
     server.start(**settings)
-    server.create_endpoint(ENDPOINT, model, 4)
+    server.create_endpoint(ENDPOINT, model, CONCURRENCY)
     server.wait_ready(ENDPOINT)
     if variant.rate_limits:
         limits = [{"calls": LIMIT_CALLS, "key": key, "renewal_period": "minute"} for key in ("endpoint", "user")]
@@ -162,18 +175,11 @@ def served(server: BerthServer) -> int:
                    for s in f.samples if s.name == "berth_requests_total" and s.labels.get("endpoint") == ENDPOINT))
 
 
-def _pin_generator() -> Callable[[], None] | None:
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    last = max(os.sched_getaffinity(0))
-    return lambda: os.sched_setaffinity(0, {last})
-
-
 def loadtest(server: BerthServer, cfg: Config, body: bytes) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "berth", "loadtest", ENDPOINT, "--rate", str(cfg.rate), "--duration",
            str(cfg.duration_s), "--warmup", str(cfg.warmup_s), "--concurrency", str(cfg.connections),
            "--body", body.decode(), "--json", "--host", server.url, "--token", server.token]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=_pin_generator(),
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=pin_to_last_core(),
                           timeout=cfg.warmup_s + cfg.duration_s + 120)
     if proc.returncode != 0:
         raise BenchError(f"berth loadtest failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -208,15 +214,83 @@ def run_benchmark(cfg: Config, workdir: Path) -> Report:
         for variant in VARIANTS:
             log(f"starting {variant.name}")
             servers.append(start_variant(variant, workdir, model))
+        pairs = list(zip(VARIANTS, servers, strict=True))
         for rep in range(1, cfg.reps + 1):
-            for variant, server in zip(VARIANTS, servers, strict=True):
+            shift = (rep - 1) % len(pairs)  # each variant takes each place in the order in turn
+            for variant, server in pairs[shift:] + pairs[:shift]:
                 run = measure(variant, rep, server, servers, cfg, body, redis)
                 log(f"rep {rep} {variant.name}: {run.cpu_ms_per_request:.3f} ms CPU/request, p50 {run.p50_ms:.2f} ms")
                 report.runs.append(run)
     finally:
         for server in servers:
             server.stop()
+    log(f"the guards alone: {cfg.guard_iterations:,} calls each")
+    report.guards = guard_costs(cfg.guard_iterations, redis)
     return report
+
+
+# --------------------------------------------------------------------------- the guards alone, in this process
+
+
+def guard_costs(iterations: int, redis: psutil.Process | None) -> dict[str, dict[str, float]]:
+    """µs of CPU per call of each guard, called directly in a loop (this process's CPU; for Redis also
+    the server's): the resolution the server-tree figures, with their noise, do not have."""
+    import asyncio
+    import time
+
+    from berth.access.permissions import Caller
+    from berth.gateway.auth import AccessState, TokenAuthority, hash_token, new_token
+    from berth.ratelimit.local import HostLimiter
+    from berth.ratelimit.redis import RedisLimiter
+    from berth.ratelimit.rules import RateLimit, windows
+
+    token = new_token()
+    caller_id = "u1"
+    caller = Caller(caller_id, "bob@example.com")
+    auth = TokenAuthority(AccessState(tokens={hash_token(token): (caller_id, None)}, principals={caller_id: caller},
+                                      queriers={ENDPOINT: frozenset({caller_id})}))
+    header = f"Bearer {token}".encode()
+    rules = [RateLimit(calls=LIMIT_CALLS, key=key) for key in ("endpoint", "user")]
+    out: dict[str, dict[str, float]] = {}
+
+    def timed(name: str, fn: Callable[[], object]) -> None:
+        fn()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(iterations):
+            fn()
+        out[name] = {"cpu_us": (time.process_time() - cpu0) / iterations * 1e6,
+                     "wall_us": (time.perf_counter() - wall0) / iterations * 1e6}
+
+    def authorise() -> bool:
+        return auth.may_query(auth.authenticate(header), ENDPOINT)
+
+    timed("authenticate + CAN_QUERY (cached)", authorise)
+    timed("rate-limit windows of a request", lambda: windows(rules, ENDPOINT, caller))
+    wins = windows(rules, ENDPOINT, caller)
+    with tempfile.TemporaryDirectory(prefix="berth-cost-rings-") as rings:
+        host = HostLimiter(Path(rings))
+        timed("host limiter, 2 keys (flock + mmap)", lambda: host.admit_at(wins, time.monotonic_ns()))
+        host.close()
+
+    async def over_redis() -> None:
+        limiter = RedisLimiter(REDIS_URL, prefix=f"berth:bench:{os.getpid()}:")
+        try:
+            await limiter.ping()
+            await limiter.admit(wins)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            server0 = cpu_seconds([redis] if redis else [])
+            for _ in range(iterations):
+                await limiter.admit(wins)
+            out["Redis limiter, 2 keys (one script call)"] = {
+                "cpu_us": (time.process_time() - cpu0) / iterations * 1e6,
+                "wall_us": (time.perf_counter() - wall0) / iterations * 1e6,
+                "redis_server_cpu_us": (cpu_seconds([redis] if redis else []) - server0) / iterations * 1e6,
+            }
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(over_redis())
+    return out
 
 
 # --------------------------------------------------------------------------- output
@@ -227,7 +301,7 @@ def format_report(report: Report) -> str:
     base = report.median("unguarded", Run.cpu_ms_per_request.fget)  # type: ignore[arg-type]
     lines = [
         "",
-        f"Hot-path guards: logistic regression, 1 replica × 4; {cfg.rate:,.0f} req/s open loop for "
+        f"Hot-path guards: logistic regression, 1 replica × {CONCURRENCY}; {cfg.rate:,.0f} req/s open loop for "
         f"{cfg.duration_s:g} s per run; {cfg.reps} interleaved rep(s); medians (min–max)",
         "| variant | server tree CPU ms/request | vs unguarded | Redis CPU ms/request | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|",
@@ -241,6 +315,15 @@ def format_report(report: Report) -> str:
             f"| {variant.name} | {med:.3f} ({min(cpu):.3f}–{max(cpu):.3f}) | ×{med / base:.3f} | {redis} | "
             f"{statistics.median(r.p50_ms for r in runs):.2f} | {statistics.median(r.p99_ms for r in runs):.2f} |"
         )
+    lines += [
+        "",
+        f"The guards alone, {cfg.guard_iterations:,} calls each in one process (µs per call)",
+        "| guard | CPU µs | wall µs | Redis server CPU µs |",
+        "|---|---|---|---|",
+    ]
+    for name, cost in report.guards.items():
+        server = f"{cost['redis_server_cpu_us']:.1f}" if "redis_server_cpu_us" in cost else "–"
+        lines.append(f"| {name} | {cost['cpu_us']:.1f} | {cost['wall_us']:.1f} | {server} |")
     lines.append("")
     return "\n".join(lines)
 

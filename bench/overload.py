@@ -28,13 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.procs import BenchError, BerthServer, clean_env, cpu_seconds, wait_idle
+from bench.procs import BenchError, BerthServer, clean_env, cpu_seconds, pin_to_last_core, wait_idle
 
 ENDPOINT = "overload"
 BODY = json.dumps({"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}, separators=(",", ":"))
@@ -240,21 +238,12 @@ def loadtest(server: BerthServer, cfg: Config, rate: float, duration_s: float, w
     cmd = [sys.executable, "-m", "berth", "loadtest", ENDPOINT, "--rate", str(rate), "--duration", str(duration_s),
            "--warmup", str(warmup_s), "--concurrency", str(connections), "--timeout", str(cfg.timeout_s),
            "--body", BODY, "--json", "--host", server.url, "--token", server.token]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=_pin_generator(),
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=pin_to_last_core(),
                           timeout=warmup_s + duration_s + cfg.timeout_s + 60)
     if proc.returncode != 0:
         raise BenchError(f"berth loadtest failed ({proc.returncode}): {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
-
-
-def _pin_generator() -> Callable[[], None] | None:
-    """The load generator on the host's last core only (Linux): moved between cores by the scheduler,
-    its own wake-up delays would count as the server's latency. The server may still use every core."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    last = max(os.sched_getaffinity(0))
-    return lambda: os.sched_setaffinity(0, {last})
 
 
 def run_phase(server: BerthServer, cfg: Config, name: str, rate: float, duration_s: float, warmup_s: float,

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def pin_to_last_core() -> Callable[[], None] | None:
+    """A `preexec_fn` putting a load generator on the host's last core only (Linux): moved between
+    cores by the scheduler, its own wake-up delays would count as the server's latency. The server
+    may still use every core."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    last = max(os.sched_getaffinity(0))
+    return lambda: os.sched_setaffinity(0, {last})
 
 
 def _tail(path: Path, n: int = 40) -> str:
