@@ -32,6 +32,7 @@ from berth.gateway.auth import AccessState, TokenAuthority, hash_token, new_toke
 from berth.gateway.hub import GatewayHub, listening_socket
 from berth.gateway.protocol import head_limited
 from berth.gateway.routing import RoutingTable
+from berth.observability.logs import configure_logging
 from berth.observability.metrics import Metrics
 from berth.payload import PayloadLimits
 from berth.ratelimit.shared import close_limiter, make_limiter
@@ -71,6 +72,7 @@ class Platform:
             run_dir = Path(tempfile.mkdtemp(prefix="berth-gw-"))  # short: it holds Unix sockets
             self.hub = GatewayHub(settings.gateway_processes, run_dir, request_timeout_s=settings.request_timeout_s,
                                   hold_timeout_s=settings.hold_timeout_s, queue_wait_s=settings.queue_wait_s,
+                                  log=(settings.log_format, settings.log_level),
                                   redis_url=settings.redis_url,
                                   log_dir=settings.data_dir / "logs" / "gateway", payload_limits=self.payload_limits,
                                   on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
@@ -193,6 +195,7 @@ def uvicorn_config(app: RootApp) -> uvicorn.Config:
         lifespan="on",
         access_log=False,
         log_level="warning",
+        log_config=None,  # its records go to the platform's log (berth.observability.logs)
         timeout_keep_alive=75,
         proxy_headers=False,  # nothing reads the client address: skip the middleware on every request
     )
@@ -203,6 +206,7 @@ async def run_platform(
     on_ready: Callable[[Platform, str, AdminToken], Awaitable[None]] | None = None,
 ) -> None:
     """Run the server until SIGINT/SIGTERM. `on_ready(platform, url, token)` runs once listening."""
+    configure_logging(settings.log_format, settings.log_level, "main")
     platform = Platform(settings)
     token = platform.ensure_admin_token()
     sockets = [listening_socket(settings.bind_host, settings.port, reuse_port=platform.hub is not None)]
@@ -227,6 +231,8 @@ async def run_platform(
             return
         url = f"http://{_url_host(host)}:{port}"
         write_credentials(Credentials(host=url, token=token.token))
+        log.info("listening on %s", url, extra={"url": url, "gateway_processes": settings.gateway_processes,
+                                                "data_dir": str(settings.data_dir)})
         if on_ready is not None:
             await on_ready(platform, url, token)
 

@@ -79,6 +79,9 @@ class Settings:
     max_rows: int = 100_000  # rows of one invocation
     # Rate limits shared across gateway hosts through this Redis server; unset: shared by this host's processes.
     redis_url: str | None = None
+    # The platform's log on stderr (berth.observability.logs): text or json, and from which level.
+    log_format: str = "text"
+    log_level: str = "info"
 
     @property
     def gateway_processes(self) -> int:

@@ -54,7 +54,7 @@ class GatewayHub:
     """Starts, feeds, watches and stops the gateway's worker processes."""
 
     def __init__(self, workers: int, run_dir: Path, *, request_timeout_s: float, log_dir: Path,
-                 hold_timeout_s: float = 60.0, queue_wait_s: float = 0.0,
+                 hold_timeout_s: float = 60.0, queue_wait_s: float = 0.0, log: tuple[str, str] = ("text", "info"),
                  on_demand: Callable[[str, str], None] | None = None,
                  redis_url: str | None = None, payload_limits: PayloadLimits | None = None) -> None:
         self.count = workers - 1  # the main process is gateway 0
@@ -66,6 +66,7 @@ class GatewayHub:
         self.request_timeout_s = request_timeout_s
         self.hold_timeout_s = hold_timeout_s
         self.queue_wait_s = queue_wait_s
+        self.log = log  # the workers' log format and level (berth.observability.logs)
         self.payload_limits = payload_limits or PayloadLimits()  # what one request may carry, in every worker too
         self.limits_dir = run_dir / "limits"  # rate-limit windows every process maps (berth.ratelimit.local)
         self.redis_url = redis_url  # or, across hosts, in Redis
@@ -116,6 +117,7 @@ class GatewayHub:
             "--metrics-dir", str(self.metrics_dir), "--request-timeout", str(self.request_timeout_s),
             "--hold-timeout", str(self.hold_timeout_s), "--limits-dir", str(self.limits_dir),
             "--processes", str(self.count + 1), "--queue-wait", str(self.queue_wait_s),
+            "--log-format", self.log[0], "--log-level", self.log[1],
         ]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import logging
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from berth.gateway.forward import ControlForwarder
 from berth.gateway.hub import listening_socket
 from berth.gateway.protocol import head_limited
 from berth.gateway.routing import RoutingTable
+from berth.observability.logs import configure_logging
 from berth.observability.metrics import Metrics
 from berth.payload import PayloadLimits
 from berth.ratelimit.shared import close_limiter, make_limiter
@@ -88,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--queue-wait", type=float, default=0.0)
+    parser.add_argument("--log-format", default="text")
+    parser.add_argument("--log-level", default="info")
     parser.add_argument("--payload-limits", default="{}", help="berth.payload.PayloadLimits as JSON")
     args = parser.parse_args(argv)
+    configure_logging(args.log_format, args.log_level, f"gateway-{args.index}")
     payload_limits = PayloadLimits.from_json(orjson.loads(args.payload_limits))
 
     limiter = make_limiter(args.redis_url, args.limits_dir)
@@ -105,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         assert feed is not None
         await feed.connect()
         gc.freeze()
+        logging.getLogger("berth.gateway").info("gateway process %d serving", args.index,
+                                                extra={"gateway": args.index, "processes": args.processes})
         feed.announce_ready()  # the socket already listens: connections queue until uvicorn accepts them
 
     async def shutdown() -> None:
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     app = RootApp(gateway, control, on_startup=startup, on_shutdown=shutdown)
     config = uvicorn.Config(app, loop="uvloop", http=head_limited(payload_limits.max_header_bytes), lifespan="on",
-                            access_log=False, log_level="warning", timeout_keep_alive=75, proxy_headers=False)
+                            access_log=False, log_level="warning", log_config=None, timeout_keep_alive=75,
+                            proxy_headers=False)
     server = uvicorn.Server(config)
     feed = Feed(args.feed, args.index, gateway, server)
     sock = listening_socket(args.host, args.port, reuse_port=True)
