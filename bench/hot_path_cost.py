@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,9 +212,14 @@ def run_benchmark(cfg: Config, workdir: Path) -> Report:
     redis = redis_process()
     servers: list[BerthServer] = []
     try:
-        for variant in VARIANTS:
-            log(f"starting {variant.name}")
-            servers.append(start_variant(variant, workdir, model))
+        log("starting " + ", ".join(v.name for v in VARIANTS))
+        with ThreadPoolExecutor(len(VARIANTS)) as pool:  # together: most of a start is waiting
+            starts = [pool.submit(start_variant, v, workdir, model) for v in VARIANTS]
+            wait(starts)
+        servers = [f.result() for f in starts if f.exception() is None]
+        for f in starts:
+            if f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
         pairs = list(zip(VARIANTS, servers, strict=True))
         for rep in range(1, cfg.reps + 1):
             shift = (rep - 1) % len(pairs)  # each variant takes each place in the order in turn

@@ -25,7 +25,7 @@ def test_instant_replicas_benchmark_smoke(tmp_path: Path) -> None:
         assert line in proc.stdout, context
     saved = json.loads(json_out.read_text())
     assert saved["ok"] is True
-    assert {path: len(samples) for path, samples in saved["start_ms"].items()} == {"fork": 2, "warm": 2, "fresh": 2}
+    assert {path: len(samples) for path, samples in saved["start_ms"].items()} == {"fork": 1, "warm": 1, "fresh": 1}
     assert {path: len(samples) for path, samples in saved["at_zero_ms"].items()} == {"fork": 1, "warm": 1}
     for run in ("steady", "rollout"):
         assert saved["rollout"][run]["failed"] == 0, saved["rollout"]
