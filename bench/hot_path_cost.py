@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -43,7 +42,7 @@ import httpx
 import psutil
 
 from bench.models import build_lr, request_body
-from bench.procs import BenchError, BerthServer, clean_env, cpu_seconds, pin_to_last_core, wait_idle
+from bench.procs import BenchError, BerthServer, cpu_seconds, open_loop, wait_idle
 
 ENDPOINT = "cost"
 CONCURRENCY = 16  # one replica
@@ -166,38 +165,17 @@ def start_variant(variant: Variant, workdir: Path, model: Path) -> BerthServer:
     return server
 
 
-def served(server: BerthServer) -> int:
-    """The gateway's count of the endpoint's answers (`berth_requests_total`, every status)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}, timeout=10) as c:
-        text = c.get("/metrics").text
-    return int(sum(s.value for f in text_string_to_metric_families(text) if f.name == "berth_requests"
-                   for s in f.samples if s.name == "berth_requests_total" and s.labels.get("endpoint") == ENDPOINT))
-
-
-def loadtest(server: BerthServer, cfg: Config, body: bytes) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "berth", "loadtest", ENDPOINT, "--rate", str(cfg.rate), "--duration",
-           str(cfg.duration_s), "--warmup", str(cfg.warmup_s), "--concurrency", str(cfg.connections),
-           "--body", body.decode(), "--json", "--host", server.url, "--token", server.token]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=pin_to_last_core(),
-                          timeout=cfg.warmup_s + cfg.duration_s + 120)
-    if proc.returncode != 0:
-        raise BenchError(f"berth loadtest failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
-
-
 def measure(variant: Variant, rep: int, server: BerthServer, everyone: list[BerthServer], cfg: Config,
             body: bytes, redis: psutil.Process | None) -> Run:
     wait_idle([p for s in everyone for p in s.processes()])
     procs = server.processes()
-    before = served(server)  # read outside the CPU window: a scrape costs CPU too
+    before = sum(server.statuses(ENDPOINT).values())  # read outside the CPU window: a scrape costs CPU too
     cpu0, redis0 = cpu_seconds(procs), cpu_seconds([redis] if redis else [])
-    load = loadtest(server, cfg, body)
+    load = open_loop(server, ENDPOINT, body.decode(), rate=cfg.rate, duration_s=cfg.duration_s,
+                     warmup_s=cfg.warmup_s, connections=cfg.connections)
     wait_idle(procs)
     cpu1, redis1 = cpu_seconds(procs), cpu_seconds([redis] if redis else [])
-    answered = served(server) - before  # the warm-up's requests included: the CPU window holds them too
+    answered = sum(server.statuses(ENDPOINT).values()) - before  # the warm-up included: its CPU is in the window
     statuses = load["status_codes"]
     if set(statuses) != {"200"} or sum(load["errors"].values()) or load["connect_errors"]:
         raise BenchError(f"{variant.name}: not every answer was 200: {statuses}, errors {load['errors']}")

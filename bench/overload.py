@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import signal
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -40,7 +39,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.procs import BenchError, BerthServer, clean_env, cpu_seconds, pin_to_last_core, wait_idle
+from bench.procs import BenchError, BerthServer, cpu_seconds, open_loop, wait_idle
 
 ENDPOINT = "overload"
 BODY = json.dumps({"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}, separators=(",", ":"))
@@ -195,23 +194,6 @@ def model_calls(stats: list[dict[str, Any]]) -> tuple[int, int]:
     return requests, sum(s["requests"] - s["batched_requests"] + s["batches"] for s in stats)
 
 
-def server_statuses(server: BerthServer) -> dict[str, int]:
-    """The gateway's `berth_requests_total` of the endpoint, by status."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}, timeout=10) as c:
-        text = c.get("/metrics").text
-    counts: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "berth_requests":
-            continue
-        for sample in family.samples:
-            if sample.name == "berth_requests_total" and sample.labels.get("endpoint") == ENDPOINT:
-                status = sample.labels["status"]
-                counts[status] = counts.get(status, 0) + int(sample.value)
-    return counts
-
-
 def check_answers(server: BerthServer, n: int = 5) -> None:
     """A few requests one at a time: the endpoint serves, and answers what the model returns."""
     with httpx.Client(headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"},
@@ -234,16 +216,8 @@ def healthy(server: BerthServer) -> bool:
 
 def loadtest(server: BerthServer, cfg: Config, rate: float, duration_s: float, warmup_s: float,
              connections: int) -> dict[str, Any]:
-    """`berth loadtest --json` in its own process (its CPU is its own), open loop at `rate`."""
-    cmd = [sys.executable, "-m", "berth", "loadtest", ENDPOINT, "--rate", str(rate), "--duration", str(duration_s),
-           "--warmup", str(warmup_s), "--concurrency", str(connections), "--timeout", str(cfg.timeout_s),
-           "--body", BODY, "--json", "--host", server.url, "--token", server.token]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=pin_to_last_core(),
-                          timeout=warmup_s + duration_s + cfg.timeout_s + 60)
-    if proc.returncode != 0:
-        raise BenchError(f"berth loadtest failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
+    return open_loop(server, ENDPOINT, BODY, rate=rate, duration_s=duration_s, warmup_s=warmup_s,
+                     connections=connections, timeout_s=cfg.timeout_s)
 
 
 def run_phase(server: BerthServer, cfg: Config, name: str, rate: float, duration_s: float, warmup_s: float,
@@ -252,12 +226,12 @@ def run_phase(server: BerthServer, cfg: Config, name: str, rate: float, duration
     procs = server.processes()
     replicas = server.replicas()
     cpu0, rcpu0 = cpu_seconds(procs), cpu_seconds(replicas)
-    status0, (req0, calls0) = server_statuses(server), model_calls(replica_stats(server))
+    status0, (req0, calls0) = server.statuses(ENDPOINT), model_calls(replica_stats(server))
     log(f"{name}: {rate:,.0f} req/s open loop for {duration_s:g} s" + (f" after {warmup_s:g} s" if warmup_s else ""))
     load = loadtest(server, cfg, rate, duration_s, warmup_s, connections)
     wait_idle(server.processes())
     cpu1, rcpu1 = cpu_seconds(procs), cpu_seconds(replicas)
-    status1, (req1, calls1) = server_statuses(server), model_calls(replica_stats(server))
+    status1, (req1, calls1) = server.statuses(ENDPOINT), model_calls(replica_stats(server))
     return Phase(
         name=name, load=load, server_cpu_s=cpu1 - cpu0, replica_cpu_s=rcpu1 - rcpu0,
         server_status={k: v - status0.get(k, 0) for k, v in sorted(status1.items()) if v - status0.get(k, 0)},

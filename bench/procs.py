@@ -205,6 +205,19 @@ class BerthServer:
                     raise BenchError(f"Berth endpoint {name} not ready after {timeout_s:.0f} s: {view}")
                 time.sleep(0.2)
 
+    def statuses(self, endpoint: str) -> dict[str, int]:
+        """The gateway's `berth_requests_total` of `endpoint`, by status."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with self._client() as client:
+            text = client.get("/metrics").text
+        counts: dict[str, int] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples if family.name == "berth_requests" else ():
+                if sample.name == "berth_requests_total" and sample.labels.get("endpoint") == endpoint:
+                    counts[sample.labels["status"]] = counts.get(sample.labels["status"], 0) + int(sample.value)
+        return counts
+
     def gateway_added_histogram(self) -> list[tuple[float, float]]:
         """The buckets (upper bound s, cumulative count) of the gateway's own added-latency histogram."""
         from prometheus_client.parser import text_string_to_metric_families
@@ -356,3 +369,18 @@ class HelloServer(PortServer):
 
     def target(self) -> Target:
         return Target(url=f"{self.url}/", headers=(("Content-Type", "application/json"),))
+
+
+def open_loop(server: BerthServer, endpoint: str, body: str, *, rate: float, duration_s: float, warmup_s: float,
+              connections: int, timeout_s: float = 60.0) -> dict[str, Any]:
+    """`berth loadtest --json` at `rate` open loop, in its own process (its CPU is its own), pinned to
+    the last core (`pin_to_last_core`); its JSON report."""
+    cmd = [sys.executable, "-m", "berth", "loadtest", endpoint, "--rate", str(rate), "--duration", str(duration_s),
+           "--warmup", str(warmup_s), "--concurrency", str(connections), "--timeout", str(timeout_s),
+           "--body", body, "--json", "--host", server.url, "--token", server.token]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=pin_to_last_core(),
+                          timeout=warmup_s + duration_s + timeout_s + 60)
+    if proc.returncode != 0:
+        raise BenchError(f"berth loadtest failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
