@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in ("fork", "warm", "fresh"):
             log(f"scale-up, {path} path: {reps} starts")
             report.start_ms[path] = asyncio.run(measure_path(path, v1, reps, work / "logs"))
-        report.load_ms = measure_load(v1, max(2, reps // 3))
+        report.load_ms = measure_load(v1, 1 if args.smoke else max(2, reps // 3))
         zero_reps = 1 if args.smoke else min(reps, 5)
         for path in ("fork", "warm"):
             log(f"first request at zero, {path} path: {zero_reps} times")
