@@ -27,10 +27,9 @@ from berth.control.api import build_control_app
 from berth.control.autoscaling import AutoscalingLoop
 from berth.control.reconciler import CrashPolicy, Reconciler
 from berth.control.service import EndpointService
-from berth.gateway.app import Gateway, RootApp
+from berth.gateway.app import Gateway, RootApp, uvicorn_config
 from berth.gateway.auth import AccessState, TokenAuthority, hash_token, new_token
 from berth.gateway.hub import GatewayHub, listening_socket
-from berth.gateway.protocol import head_limited
 from berth.gateway.routing import RoutingTable
 from berth.observability.logs import configure_logging
 from berth.observability.metrics import Metrics
@@ -185,20 +184,6 @@ class Platform:
         await self.backend.close()
         self.store.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
-def uvicorn_config(app: RootApp) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        loop="uvloop",
-        http=head_limited(app.gateway.payload_limits.max_header_bytes),  # httptools, refusing an endless head
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        log_config=None,  # its records go to the platform's log (berth.observability.logs)
-        timeout_keep_alive=75,
-        proxy_headers=False,  # nothing reads the client address: skip the middleware on every request
-    )
 
 
 async def run_platform(

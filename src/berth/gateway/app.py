@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import uvicorn
+
 from berth.access import oauth
 from berth.access.permissions import Caller
 from berth.errors import (
@@ -28,6 +30,7 @@ from berth.errors import (
 )
 from berth.gateway.admission import Admission, Verdict, retry_after_s
 from berth.gateway.auth import TokenAuthority
+from berth.gateway.protocol import head_limited
 from berth.gateway.routing import (
     EndpointRoute,
     EntityRoute,
@@ -489,3 +492,18 @@ class RootApp:
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def uvicorn_config(app: RootApp) -> uvicorn.Config:
+    """How every gateway process (the main one and each worker) runs uvicorn for `app`."""
+    return uvicorn.Config(
+        app,
+        loop="uvloop",
+        http=head_limited(app.gateway.payload_limits.max_header_bytes),  # httptools, refusing an endless head
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        log_config=None,  # its records go to the platform's log (berth.observability.logs)
+        timeout_keep_alive=75,
+        proxy_headers=False,  # nothing reads the client address: skip the middleware on every request
+    )

@@ -18,11 +18,10 @@ from pathlib import Path
 import orjson
 import uvicorn
 
-from berth.gateway.app import Gateway, RootApp
+from berth.gateway.app import Gateway, RootApp, uvicorn_config
 from berth.gateway.auth import AccessState, TokenAuthority
 from berth.gateway.forward import ControlForwarder
 from berth.gateway.hub import listening_socket
-from berth.gateway.protocol import head_limited
 from berth.gateway.routing import RoutingTable
 from berth.observability.logs import configure_logging
 from berth.observability.metrics import Metrics
@@ -122,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         await close_limiter(limiter)
 
     app = RootApp(gateway, control, on_startup=startup, on_shutdown=shutdown)
-    config = uvicorn.Config(app, loop="uvloop", http=head_limited(payload_limits.max_header_bytes), lifespan="on",
-                            access_log=False, log_level="warning", log_config=None, timeout_keep_alive=75,
-                            proxy_headers=False)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app))
     feed = Feed(args.feed, args.index, gateway, server)
     sock = listening_socket(args.host, args.port, reuse_port=True)
 
