@@ -73,16 +73,15 @@ class _Ring:
         """Under the caller's flock: the ring's slots, with the room a request at `now` needs
         (`window.room`), and its head."""
         size = os.fstat(self.fd).st_size
-        capacity = _HEADER.unpack_from(self._mapped(size), 0)[0] if size >= _HEADER.size else 0
+        mapped = self._mapped(size) if size >= _HEADER.size else None
+        capacity, head = _HEADER.unpack_from(mapped, 0) if mapped is not None else (0, 0)
         if capacity < 1 or size < _HEADER.size + capacity * _SLOT.size:  # new, or left half-made by a crash
             capacity = window.initial_slots(calls)
             needed = _HEADER.size + capacity * _SLOT.size
             os.ftruncate(self.fd, needed)
             self._write(self._mapped(needed), [window.EMPTY] * capacity)
             return _Slots(self._mapped(needed), capacity), 0
-        mapped = self._mapped(size)
-        capacity, head = _HEADER.unpack_from(mapped, 0)
-        slots = _Slots(mapped, capacity)
+        slots = _Slots(mapped, capacity)  # type: ignore[arg-type]
         need = window.room(slots, head, calls, now, window_ns)
         if need > capacity:  # the window holds the ring full: grow it, keeping what it holds
             times = list(struct.unpack_from(f"={capacity}q", mapped, _HEADER.size))
