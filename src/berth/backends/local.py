@@ -30,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ REAP_EVERY_S = 5.0
 # Model processes run this much nicer than the gateway: on a busy host a gateway that waits for a core
 # delays every answer, a refusal's included, while its own share of the CPU is small (BENCHMARKS.md, "Overload").
 MODEL_NICE = 5
+
+
+def _model_setup(memory_limit_bytes: int) -> Callable[[], None]:
+    """`preexec_fn` of every process that holds a model (templates, standbys, fresh replicas)."""
+    return child_setup(os.getpid(), memory_limit_bytes, MODEL_NICE)
 
 
 @dataclass
@@ -116,7 +122,7 @@ class LocalBackend:
         base_env = {**os.environ, **THREAD_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
         self.pool = (
             WarmPool(self.python, log_dir / "standby", pool, env=base_env,
-                     preexec=child_setup(os.getpid(), memory_limit_mb * 2**20, MODEL_NICE))
+                     preexec=_model_setup(memory_limit_mb * 2**20))
             if pool is not None else None
         )
 
@@ -315,7 +321,7 @@ class LocalBackend:
                    "--name", spec.entity_name, "--control-fd", str(theirs.fileno()),
                    "--thread-env", json.dumps(thread_env)]
             try:
-                child = spawn(cmd, log_path, env, child_setup(os.getpid(), memory_limit, MODEL_NICE),
+                child = spawn(cmd, log_path, env, _model_setup(memory_limit),
                               pass_fds=(theirs.fileno(),))
             finally:
                 theirs.close()
@@ -427,7 +433,7 @@ class LocalBackend:
                "--replica-id", replica.handle.id, "--name", spec.entity_name,
                "--max-concurrency", str(spec.max_concurrency), "--max-rows", str(args.max_rows),
                "--max-json-depth", str(args.max_json_depth)]
-        replica.child = spawn(cmd, replica.log_path, env, child_setup(os.getpid(), memory_limit, MODEL_NICE))
+        replica.child = spawn(cmd, replica.log_path, env, _model_setup(memory_limit))
         replica.path = "fresh"
         replica.handle = ReplicaHandle(replica.handle.id, replica.handle.address, replica.child.pid)
 
