@@ -31,6 +31,7 @@ from berth.gateway.app import Gateway, RootApp, uvicorn_config
 from berth.gateway.auth import AccessState, TokenAuthority, hash_token, new_token
 from berth.gateway.hub import GatewayHub, listening_socket
 from berth.gateway.routing import RoutingTable
+from berth.observability.export import WINDOW_S, RequestWindow
 from berth.observability.logs import configure_logging
 from berth.observability.metrics import Metrics
 from berth.payload import PayloadLimits
@@ -119,6 +120,9 @@ class Platform:
         self.service = EndpointService(self.store, self.reconciler, cores=settings.cores,
                                        replica_concurrency=settings.replica_concurrency)
         self.service.autoscaling = self.autoscaling
+        # The export's "last minute" is time-scaled with the autoscaler (tests run it in seconds).
+        self.requests_window = RequestWindow(self.metrics.totals, window_s=WINDOW_S * scale, period_s=scale)
+        self.service.requests = self.requests_window
         self.app = RootApp(
             self.gateway,
             build_control_app(self.service, self.access, payload_limits=self.payload_limits),
@@ -165,6 +169,7 @@ class Platform:
         self.service.load()
         self.reconciler.start()
         self.autoscaling.start()
+        self.requests_window.start()
         # Everything imported and built so far lives as long as the server: keep it out of the
         # collector's full passes, which would otherwise pause every request in flight.
         gc.freeze()
@@ -178,6 +183,7 @@ class Platform:
         if self.hub is not None:
             await self.hub.stop()  # first: they would forward to a control plane going away
         await self.autoscaling.stop()
+        await self.requests_window.stop()
         await self.reconciler.stop()
         self.gateway.close()
         await close_limiter(self.limiter)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.models import FEATURES
+from tests.integration.replica_tools import poll
 
 
 def samples(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -37,10 +41,65 @@ def test_metrics_count_requests_and_gateway_latency(shared_server, model_zoo, un
 
     assert delta("berth_requests_total", endpoint=unique_name, entity=entity, status="200") == 7
     assert delta("berth_requests_total", endpoint=unique_name, entity=entity, status="400") == 3
-    assert delta("berth_request_latency_seconds_count", endpoint=unique_name) == 10
+    assert delta("berth_request_latency_seconds_count", endpoint=unique_name, entity=entity) == 10
+    assert delta("berth_queue_wait_seconds_count", endpoint=unique_name, entity=entity) == 10
     assert delta("berth_gateway_added_latency_seconds_count") >= 10
     assert after[("berth_gateway_added_latency_seconds_sum", ())] > 0
 
 
 def test_metrics_need_a_token(shared_server):
     assert httpx.get(f"{shared_server.url}/metrics").status_code == 401
+
+
+def export(server, name: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """The endpoint export's samples summed over its served entities, by sample name (`_bucket` by `le`)."""
+    response = server.api("GET", f"/{name}/metrics")
+    assert response.status_code == 200, response.text
+    out: dict[str, float] = collections.defaultdict(float)
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            assert s.labels["endpoint_name"] == name
+            key = s.name + (f"@{s.labels['le']}" if "le" in s.labels else "")
+            out[key] += s.value
+    return out
+
+
+def test_the_endpoint_export_counts_the_last_minute_over_both_gateway_processes(server_factory, model_zoo):
+    """N requests, k of them invalid, through two gateway processes: the export shows N, k and a latency
+    histogram of N (parsed with Prometheus' parser); a (time-scaled) minute later it is back at zero."""
+    server = server_factory(args=["--gateway-workers", "2"], extra_env={"BERTH_AUTOSCALE_TIME_SCALE": "0.1"})
+    server.deploy("window", model_zoo("sklearn_classifier"), min_provisioned_concurrency=8,
+                  max_provisioned_concurrency=8)
+    ok = {"dataframe_split": {"columns": FEATURES, "data": [[0.1] * 20]}}
+    bad = {"dataframe_split": {"columns": FEATURES[:-1], "data": [[0.1] * 19]}}
+    n, k, clients = 48, 12, 8
+
+    def client(i: int) -> list[tuple[int, str]]:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}) as c:
+            out = []
+            for j in range(n // clients):
+                body = bad if (i * (n // clients) + j) % (n // k) == 0 else ok
+                r = c.post("/serving-endpoints/window/invocations", json=body)
+                out.append((r.status_code, r.headers["x-berth-gateway"]))
+            return out
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        answers = [a for part in pool.map(client, range(clients)) for a in part]
+    statuses = collections.Counter(status for status, _ in answers)
+    assert statuses == {200: n - k, 400: k}, statuses
+    assert set(collections.Counter(g for _, g in answers)) == {"0", "1"}  # both processes served some
+
+    now = export(server, "window")
+    assert now["request_count_total"] == n
+    assert now["request_4xx_count_total"] == k
+    assert now["request_5xx_count_total"] == 0
+    assert now["request_latency_ms_count"] == n
+    assert now["request_latency_ms_bucket@+Inf"] == n
+    assert now["request_latency_ms_sum"] > 0
+    assert now["model_queue_time_ms_count"] == n
+    assert now["provisioned_concurrent_requests_total"] > 0
+
+    later = poll(lambda: (e := export(server, "window"))["request_count_total"] == 0 and e, timeout=60,
+                 interval=0.5, what="the export's window to pass")
+    assert later["request_4xx_count_total"] == later["request_latency_ms_count"] == 0
+    assert later["model_queue_time_ms_count"] == 0

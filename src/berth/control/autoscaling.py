@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass
 
 from berth.autoscaler import Autoscaler, AutoscalerSettings, Decision, Forecaster, Sample, ScaleState
 from berth.control.state import Deployment, EndpointRuntime, EntityRuntime
+from berth.observability.export import WINDOW_S
 from berth.observability.metrics import Metrics
 from berth.store import Store
 
 log = logging.getLogger("berth.autoscaler")
 
 PROFILE_SAVE_S = 600.0  # the traffic profile is written to the store this often (time-scaled)
-EXPORT_WINDOW_S = 60.0  # the endpoint metrics export describes the last minute (Databricks' semantics)
 
 
 @dataclass
@@ -229,8 +229,9 @@ class AutoscalingLoop:
         self.metrics.set_replicas(endpoint_name, entity.spec.name, desired=entity.desired_replicas, ready=ready,
                                   starting=starting, concurrency=entity.concurrency)
 
-    def window(self, entity: EntityRuntime, seconds: float = EXPORT_WINDOW_S) -> list[Sample]:
-        """The entity's samples of the trailing window (for the endpoint metrics export)."""
+    def window(self, entity: EntityRuntime) -> list[Sample]:
+        """The entity's samples of the last (time-scaled) minute, for the endpoint metrics export."""
+        seconds = WINDOW_S * self.settings.time_scale
         track = self._tracks.get(entity.uid)
         if track is None:
             return []

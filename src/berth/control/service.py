@@ -30,7 +30,8 @@ from berth.control.state import (
     now_ms,
 )
 from berth.errors import InvalidParameterValue, ResourceConflict, ResourceDoesNotExist
-from berth.observability.export import render_endpoint_metrics
+from berth.observability.export import RequestWindow, Totals, render_endpoint_metrics
+from berth.observability.metrics import no_requests
 from berth.ratelimit.rules import RateLimit, parse_rate_limits
 from berth.runtimes import PYFUNC
 from berth.store import EndpointRecord, Store
@@ -46,6 +47,7 @@ class EndpointService:
         self.cores = cores
         self.replica_concurrency = replica_concurrency  # > 0: every replica admits this many (no vertical axis)
         self.autoscaling: AutoscalingLoop | None = None  # set by the platform once built
+        self.requests: RequestWindow | None = None  # the gateway's request series of the last minute (idem)
 
     # Loading after a restart
     def load(self) -> None:
@@ -192,7 +194,13 @@ class EndpointService:
         endpoint = self._endpoint(name)
         entities = list(endpoint.active.entities.values()) if endpoint.active is not None else []
         window = self.autoscaling.window if self.autoscaling is not None else (lambda _e: [])
-        return render_endpoint_metrics(name, [(e.spec.name, window(e)) for e in entities])
+        requests: dict[str, Totals] = {}
+        if self.requests is not None:
+            last = self.requests.last_window()
+            requests = {entity: totals for (endpoint, entity), totals in last.items() if endpoint == name}
+            for e in entities:
+                requests.setdefault(e.spec.name, no_requests())
+        return render_endpoint_metrics(name, [(e.spec.name, window(e)) for e in entities], requests)
 
     def logs(self, name: str, served_model_name: str, *, build: bool = False) -> dict[str, str]:
         """The output of the entity's most recent replica (build logs: its model-load part)."""

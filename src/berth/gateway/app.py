@@ -111,7 +111,7 @@ class Gateway:
         self.name = name  # which of the host's gateway processes this is (the x-berth-gateway header)
         self.name_header = (b"x-berth-gateway", name.encode())
         self._counters: dict[tuple[str, str, int], Any] = {}
-        self._latency: dict[str, Any] = {}
+        self._latency: dict[tuple[str, str], tuple[Any, Any]] = {}  # latency and queue-wait series
         self.request_timeout_s = request_timeout_s
         self.table = RoutingTable()
         self.upstreams: dict[str, Upstream] = {}
@@ -383,11 +383,13 @@ class Gateway:
         if counter is None:
             counter = self._counters[key] = self.metrics.requests.labels(endpoint, entity, str(status))
         counter.inc()
-        histogram = self._latency.get(endpoint)
-        if histogram is None:
-            histogram = self._latency[endpoint] = self.metrics.latency.labels(endpoint)
-        histogram.observe(done - read_at)
+        series = self._latency.get((endpoint, entity))
+        if series is None:
+            series = self._latency[(endpoint, entity)] = (self.metrics.latency.labels(endpoint, entity),
+                                                          self.metrics.queue_wait.labels(endpoint, entity))
+        series[0].observe(done - read_at)
         if isinstance(outcome, UpstreamResponse):
+            series[1].observe(outcome.sent_at - read_at)
             self.metrics.gateway_added.observe((outcome.sent_at - read_at) + (done - outcome.received_at))
 
     def close(self) -> None:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
+
+from berth.observability.export import Histo, Totals
 
 # From 25 µs to 0.1 s: the gateway's own share of a request is measured in fractions of a ms.
 GATEWAY_BUCKETS = (
@@ -45,8 +48,17 @@ class Metrics:
         )
         self.latency = Histogram(
             "berth_request_latency_seconds",
-            "Invocation latency inside the gateway, from the request's last byte read to the response written.",
-            ["endpoint"],
+            "Invocation latency inside the gateway, from the request's last byte read to the response written, "
+            "by endpoint and served entity (\"\": refused before one was chosen).",
+            ["endpoint", "entity"],
+            buckets=LATENCY_BUCKETS,
+            registry=own,
+        )
+        self.queue_wait = Histogram(
+            "berth_queue_wait_seconds",
+            "Time an invocation waited in front of the replicas (held for a ready one, or in the admission "
+            "queue) before the gateway sent it on, by endpoint and served entity.",
+            ["endpoint", "entity"],
             buckets=LATENCY_BUCKETS,
             registry=own,
         )
@@ -110,3 +122,50 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def totals(self) -> dict[tuple[str, str], Totals]:
+        """Each (endpoint, served entity)'s cumulative request series, summed over the host's gateway
+        processes: what the per-endpoint export subtracts a minute-old copy of."""
+        counts: dict[tuple[str, str], list[float]] = {}
+        histos: dict[tuple[str, str, str], dict[str, float]] = {}
+        for family in self.registry.collect():
+            if family.name == "berth_requests":
+                for s in family.samples:
+                    if s.name.endswith("_total"):
+                        row = counts.setdefault((s.labels["endpoint"], s.labels["entity"]), [0.0, 0.0, 0.0])
+                        row[0] += s.value
+                        status = s.labels["status"]
+                        if status.startswith("4"):
+                            row[1] += s.value
+                        elif status.startswith("5"):
+                            row[2] += s.value
+            elif family.name in _HISTOGRAMS:
+                for s in family.samples:
+                    key = (family.name, s.labels["endpoint"], s.labels["entity"])
+                    if s.name.endswith("_bucket"):
+                        histos.setdefault(key, {})[s.labels["le"]] = s.value
+                    elif s.name.endswith("_sum"):
+                        histos.setdefault(key, {})["sum"] = s.value
+        out: dict[tuple[str, str], Totals] = {}
+        for key in {*counts, *((e, n) for _, e, n in histos)}:
+            requests, client, server = counts.get(key, (0.0, 0.0, 0.0))
+            latency, queue = (_histo(histos.get((name, *key))) for name in _HISTOGRAMS)
+            out[key] = Totals(requests, client, server, latency, queue)
+        return out
+
+
+_HISTOGRAMS = ("berth_request_latency_seconds", "berth_queue_wait_seconds")
+_BOUNDS = (*LATENCY_BUCKETS, float("inf"))
+
+
+def no_requests() -> Totals:
+    """The totals of a served entity that has answered nothing yet (histograms at zero)."""
+    return Totals(latency=_histo(None), queue=_histo(None))
+
+
+def _histo(values: dict[str, float] | None) -> Histo:
+    """A `Histo` from one labelled histogram's `le` → cumulative count and its "sum" (zeros if absent)."""
+    if not values:
+        return Histo(_BOUNDS, (0.0,) * len(_BOUNDS))
+    counts = tuple(values.get(floatToGoString(b), 0.0) for b in _BOUNDS)
+    return Histo(_BOUNDS, counts, values.get("sum", 0.0))
