@@ -102,6 +102,7 @@ class Platform:
             on_persist=lambda ep: self.service.persist(ep),
             settle_s=settings.drain_settle_s,
             drain_grace_s=max(30.0, settings.request_timeout_s),  # a request in flight may take that long
+            metrics=self.metrics,
         )
         scale = settings.autoscale_time_scale
         if scale <= 0:

@@ -68,6 +68,7 @@ def test_beyond_concurrency_and_queue_requests_are_refused_at_once(server) -> No
             assert int(r.headers["retry-after"]) >= 1
             assert r.elapsed.total_seconds() < SLEEP_S  # refused without waiting for a slot
     assert post(server, "two").status_code == 200  # and it serves again once the burst passed
+    assert metric_samples(server, "berth_admission_refused_total", endpoint="two", entity="two") == [6]
 
 
 def test_a_request_past_its_deadline_gets_504(server) -> None:  # type: ignore[no-untyped-def]

@@ -46,6 +46,20 @@ def test_metrics_count_requests_and_gateway_latency(shared_server, model_zoo, un
     assert delta("berth_gateway_added_latency_seconds_count") >= 10
     assert after[("berth_gateway_added_latency_seconds_sum", ())] > 0
 
+    # What the autoscaling loop reads from the replica (once a second): its model calls, their time
+    # and the requests they scored (a batch is one call), its memory; and the replica's start.
+    labels = (("endpoint", unique_name), ("entity", entity))
+    scored = poll(lambda: (now := samples(shared_server)).get(("berth_model_call_requests_total", labels), 0) >= 7
+                  and now, timeout=30, what="the model calls to be sampled")
+    calls = scored[("berth_model_calls_total", labels)]
+    assert 1 <= calls <= scored[("berth_model_call_requests_total", labels)] <= 10
+    assert scored[("berth_model_call_seconds_total", labels)] > 0
+    assert scored[("berth_replica_start_seconds_count", labels)] == 1
+    assert scored[("berth_replica_start_seconds_sum", labels)] > 0
+    assert scored[("berth_replica_memory_bytes", labels)] > 10 * 2**20
+    assert scored[("berth_in_flight_requests", labels)] == 0
+    assert scored[("berth_queued_requests", labels)] == 0
+
 
 def test_metrics_need_a_token(shared_server):
     assert httpx.get(f"{shared_server.url}/metrics").status_code == 401

@@ -39,6 +39,7 @@ class _Mark:
     service_s: float
     cpu_s: float | None
     t: float
+    model: tuple[float, float, float] = (0, 0.0, 0)  # model calls, seconds in them, requests they scored
 
 
 @dataclass
@@ -51,6 +52,8 @@ class _Track:
     rejected: int = 0  # the gateway's capacity refusals counted at the previous sample
     last_saved: float = 0.0
     complete: bool = True  # every ready replica answered the last sample
+    model: tuple[float, float, float] = (0, 0.0, 0)  # the last period's model calls, their seconds and requests
+    rss: int = 0  # the largest resident memory of a ready replica at the last sample
 
 
 class AutoscalingLoop:
@@ -124,7 +127,7 @@ class AutoscalingLoop:
                 track.samples.append(sample)
                 while track.samples and track.samples[0].t < now - self.settings.history_s:
                     track.samples.popleft()
-                self._export(endpoint.name, entity)
+                self._export(endpoint.name, entity, track, sample)
                 if not track.complete:
                     continue  # a replica did not answer: not a time to decide (it may be busy)
                 state = ScaleState(entity.desired_replicas, entity.concurrency)
@@ -172,6 +175,8 @@ class AutoscalingLoop:
         latency = 0.0
         cpus: list[float] = []
         memories: list[float] = []
+        rss_max = 0
+        model = [0.0, 0.0, 0.0]
         track.complete = all(st is not None for st in stats)
         for replica, st in zip(ready, stats, strict=True):
             if st is None:
@@ -183,21 +188,27 @@ class AutoscalingLoop:
             waiting += int(st.get("queued", 0))  # received, waiting for the model (part of in_flight)
             completed += max(0, requests - mark.requests)
             latency += max(0.0, service_s - mark.service_s)
+            calls = (float(st.get("model_calls", 0)), float(st.get("model_call_s", 0.0)),
+                     float(st.get("model_call_requests", 0)))
+            for i, (value, before) in enumerate(zip(calls, mark.model, strict=True)):
+                model[i] += max(0.0, value - before)
             usage = self.backend.usage(rid)
             cpu_s = None
             if usage is not None:
                 cpu_s, rss = usage
+                rss_max = max(rss_max, rss)
                 if self.memory_limit_bytes > 0:
                     memories.append(rss / self.memory_limit_bytes)
                 if mark.cpu_s is not None and now > mark.t:
                     cpus.append(min(1.0, max(0.0, (cpu_s - mark.cpu_s) / (now - mark.t))))
-            self._marks[rid] = _Mark(requests, service_s, cpu_s, now)
+            self._marks[rid] = _Mark(requests, service_s, cpu_s, now, calls)
         held = self.held(endpoint_name, entity.spec.name)
         in_front = in_flight + held
         refused = self.rejected(endpoint_name, entity.spec.name) if self.rejected is not None else 0
         rejected, track.rejected = max(0, refused - track.rejected), refused
         arrived = max(0, completed + round(in_front - track.in_front)) + rejected
         track.in_front = in_front
+        track.model, track.rss = (model[0], model[1], model[2]), rss_max
         return Sample(
             t=now, in_flight=float(in_flight - waiting), queued=float(held + waiting), rejected=rejected,
             arrived=arrived,
@@ -222,12 +233,23 @@ class AutoscalingLoop:
                  decision.previous, decision.desired, decision.concurrency, decision.reason)
         return True
 
-    def _export(self, endpoint_name: str, entity: EntityRuntime) -> None:
+    def _export(self, endpoint_name: str, entity: EntityRuntime, track: _Track, sample: Sample) -> None:
         if self.metrics is None:
             return
+        m, key = self.metrics, (endpoint_name, entity.spec.name)
         ready, starting = len(entity.ready_replicas), len(entity.starting_replicas)
-        self.metrics.set_replicas(endpoint_name, entity.spec.name, desired=entity.desired_replicas, ready=ready,
-                                  starting=starting, concurrency=entity.concurrency)
+        m.set_replicas(*key, desired=entity.desired_replicas, ready=ready, starting=starting,
+                       concurrency=entity.concurrency)
+        m.in_flight.labels(*key).set(sample.in_flight + sample.queued - self.held(*key))
+        m.queued.labels(*key).set(sample.queued)
+        if sample.cpu is not None:
+            m.replica_cpu.labels(*key).set(sample.cpu)
+        m.replica_memory.labels(*key).set(track.rss)
+        calls, seconds, requests = track.model
+        if calls:
+            m.model_calls.labels(*key).inc(calls)
+            m.model_call_seconds.labels(*key).inc(seconds)
+            m.model_call_requests.labels(*key).inc(requests)
 
     def window(self, entity: EntityRuntime) -> list[Sample]:
         """The entity's samples of the last (time-scaled) minute, for the endpoint metrics export."""

@@ -28,6 +28,7 @@ from berth.control.state import (
     now_ms,
 )
 from berth.gateway.routing import EndpointRoute, EntityRoute, EntityStatus, RoutingTable
+from berth.observability.metrics import Metrics
 from berth.store import ReplicaRecord, Store
 
 log = logging.getLogger("berth.reconciler")
@@ -73,8 +74,10 @@ class Reconciler:
         on_persist: Callable[[EndpointRuntime], None],
         settle_s: float = 1.0,
         drain_grace_s: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.backend = backend
+        self.metrics = metrics  # replica start times (berth_replica_start_seconds)
         self.store = store
         self.crash_policy = crash_policy
         self.memory_limit_mb = memory_limit_mb
@@ -186,6 +189,9 @@ class Reconciler:
                 if ok:
                     replica.phase = ReplicaPhase.READY
                     replica.ready_at = time.monotonic()
+                    if self.metrics is not None:
+                        self.metrics.replica_start.labels(entity.endpoint_name, entity.spec.name).observe(
+                            replica.ready_at - replica.started_at)
                     changed = True
                 elif now - replica.started_at > self.start_timeout_s:
                     entity.deployment = Deployment.FAILED
@@ -276,8 +282,9 @@ class Reconciler:
 
     async def _start_replica(self, entity: EntityRuntime) -> None:
         spec = self._replica_spec(entity)
+        asked = time.monotonic()
         handle = await self.backend.start(spec)
-        entity.replicas[handle.id] = ReplicaState(handle, ReplicaPhase.STARTING, time.monotonic(),
+        entity.replicas[handle.id] = ReplicaState(handle, ReplicaPhase.STARTING, asked,
                                                   concurrency=spec.max_concurrency)
         entity.last_replica_id = handle.id
         self.store.add_replica(

@@ -304,6 +304,7 @@ class Gateway:
         if verdict is Verdict.RUN:
             return None
         if verdict is Verdict.REFUSE:
+            self.metrics.admission_refused.labels(name, entity).inc()
             return ResourceExhausted(
                 f"Served entity '{entity}' of endpoint '{name}' is at its provisioned concurrency "
                 f"({admission.capacity} running, {max(0, admission.in_flight - admission.capacity)} waiting at its "

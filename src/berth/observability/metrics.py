@@ -25,6 +25,8 @@ LATENCY_BUCKETS = (
     0.5e-3, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
 
+START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
 
 class Metrics:
     """The gateway's request metrics; `shared_dir` makes them one view over the host's gateway processes."""
@@ -84,6 +86,13 @@ class Metrics:
             ["endpoint"],
             registry=own,
         )
+        self.admission_refused = Counter(
+            "berth_admission_refused",
+            "Invocations refused 429 RESOURCE_EXHAUSTED: the served entity's provisioned concurrency was in "
+            "use and its queue full.",
+            ["endpoint", "entity"],
+            registry=own,
+        )
         self.limiter_errors = Counter(
             "berth_rate_limiter_errors",
             "Rate-limit checks that failed (the shared store unreachable); those requests were admitted unchecked.",
@@ -112,6 +121,41 @@ class Metrics:
             registry=own,
             multiprocess_mode="max",
         )
+
+        # Read from the replicas by the main process's autoscaling loop, once a sampling period.
+        self.in_flight = Gauge(
+            "berth_in_flight_requests",
+            "Requests the served entity's replicas hold (being scored, or waiting for the model).",
+            ["endpoint", "entity"], registry=own, multiprocess_mode="max")
+        self.queued = Gauge(
+            "berth_queued_requests",
+            "Requests waiting for the model: in front of the replicas (gateway) and in their own queues.",
+            ["endpoint", "entity"], registry=own, multiprocess_mode="max")
+        self.replica_cpu = Gauge(
+            "berth_replica_cpu_ratio",
+            "Mean CPU use of the ready replicas over the last sampling period (1.0: one core each).",
+            ["endpoint", "entity"], registry=own, multiprocess_mode="max")
+        self.replica_memory = Gauge(
+            "berth_replica_memory_bytes",
+            "Largest resident memory among the served entity's ready replicas.",
+            ["endpoint", "entity"], registry=own, multiprocess_mode="max")
+        self.model_calls = Counter(
+            "berth_model_calls",
+            "Model calls (predict) made by the served entity's replicas; one call may score a batch.",
+            ["endpoint", "entity"], registry=own)
+        self.model_call_seconds = Counter(
+            "berth_model_call_seconds",
+            "Seconds the replicas spent in model calls (÷ berth_model_calls_total: mean execution time).",
+            ["endpoint", "entity"], registry=own)
+        self.model_call_requests = Counter(
+            "berth_model_call_requests",
+            "Requests scored by model calls (÷ berth_model_calls_total: mean batch size).",
+            ["endpoint", "entity"], registry=own)
+        self.replica_start = Histogram(
+            "berth_replica_start_seconds",
+            "Replica starts (cold starts included) and how long each took to become ready: from the start "
+            "asked of the backend to the first successful readiness check.",
+            ["endpoint", "entity"], buckets=START_BUCKETS, registry=own)
 
     def set_replicas(self, endpoint: str, entity: str, *, desired: int, ready: int, starting: int,
                      concurrency: int) -> None:

@@ -68,6 +68,8 @@ class Scorer:
         self.batched_requests = 0
         self.largest_batch = 0
         self.model_call_s = 0.0  # seconds spent in model calls so far (the batcher times calls with it)
+        self.model_calls = 0  # model calls so far
+        self.model_call_requests = 0  # requests those calls scored (÷ model_calls: the mean batch size)
         self.limits = PayloadLimits()  # JSON depth and rows per request (the replica's serve sets the platform's)
 
     def warm_up(self) -> bool:
@@ -82,9 +84,10 @@ class Scorer:
             return False
         if not example:
             return False
-        calls = self.model_call_s
+        counters = self.model_call_s, self.model_calls, self.model_call_requests
         result = self.score(example.encode(), "application/json")
-        self.model_call_s = calls  # the batcher's estimate of a call starts from real traffic
+        # The batcher's estimate of a call, and the call metrics, start from real traffic.
+        self.model_call_s, self.model_calls, self.model_call_requests = counters
         return result.status == 200
 
     @property
@@ -201,12 +204,14 @@ class Scorer:
         except Exception as exc:
             return _internal_error(exc)
 
-    def _call_model(self, data: Any, params: dict[str, Any] | None) -> Any:
+    def _call_model(self, data: Any, params: dict[str, Any] | None, requests: int = 1) -> Any:
         started = time.perf_counter()
         try:
             return self._call_model_untimed(data, params)
         finally:
             self.model_call_s += time.perf_counter() - started
+            self.model_calls += 1
+            self.model_call_requests += requests
 
     def _call_model_untimed(self, data: Any, params: dict[str, Any] | None) -> Any:
         from mlflow.exceptions import MlflowException
@@ -278,7 +283,7 @@ class Scorer:
         """One model call for the group, split back per request; None to score them one by one."""
         merged, counts = batching.merge([p.data for p in group])
         try:
-            raw = self._call_model(merged, group[0].params)
+            raw = self._call_model(merged, group[0].params, len(group))
         except Exception:
             return None  # someone's input is bad: each request gets its own answer
         parts = batching.split(raw, counts)

@@ -163,6 +163,9 @@ class ReplicaApp:
             "service_s": self.batcher.service_s,  # the autoscaler's latency signal (waiting excluded)
             "queued": self.batcher.queued,
             "cancelled": self.batcher.cancelled,
+            "model_calls": self.scorer.model_calls,
+            "model_call_s": self.scorer.model_call_s,
+            "model_call_requests": self.scorer.model_call_requests,
             "batches": self.scorer.batches,
             "batched_requests": self.scorer.batched_requests,
             "largest_batch": self.scorer.largest_batch,
