@@ -75,6 +75,7 @@ class Platform:
                                   log=(settings.log_format, settings.log_level),
                                   redis_url=settings.redis_url,
                                   log_dir=settings.data_dir / "logs" / "gateway", payload_limits=self.payload_limits,
+                                  inference_buffer_mb=settings.inference_buffer_mb,
                                   on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
             shared_metrics = self.hub.metrics_dir
             shared_metrics.mkdir()
@@ -85,7 +86,7 @@ class Platform:
         self.gateway = Gateway(self.auth, self.metrics, self.limiter, processes=settings.gateway_processes,
                                request_timeout_s=settings.request_timeout_s,
                                hold_timeout_s=settings.hold_timeout_s, queue_wait_s=settings.queue_wait_s,
-                               payload_limits=self.payload_limits,
+                               payload_limits=self.payload_limits, inference_buffer_mb=settings.inference_buffer_mb,
                                on_demand=lambda endpoint, entity: self.reconciler.demand(endpoint, entity))
         self.reconciler = Reconciler(
             self.backend,
@@ -103,6 +104,7 @@ class Platform:
             settle_s=settings.drain_settle_s,
             drain_grace_s=max(30.0, settings.request_timeout_s),  # a request in flight may take that long
             metrics=self.metrics,
+            inference_root=settings.resolved_inference_uri,
         )
         scale = settings.autoscale_time_scale
         if scale <= 0:

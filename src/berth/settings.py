@@ -82,6 +82,10 @@ class Settings:
     # The platform's log on stderr (berth.observability.logs): text or json, and from which level.
     log_format: str = "text"
     log_level: str = "info"
+    # Inference tables (berth.observability.inference): where they live (a path or a deltalake URI; unset:
+    # DATA_DIR/inference), and how much each gateway process buffers for them before it drops rows.
+    inference_tables_uri: str | None = None
+    inference_buffer_mb: float = 64.0
 
     @property
     def gateway_processes(self) -> int:
@@ -107,6 +111,10 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+    @property
+    def resolved_inference_uri(self) -> str:
+        return self.inference_tables_uri or str(self.data_dir / "inference")
 
     @property
     def resolved_store_url(self) -> str:

@@ -150,7 +150,8 @@ SCHEMAS: dict[str, Any] = {
                              "items": _ref("ServedEntityInput")},
          "served_models": {"type": "array", "minItems": 1, "maxItems": MAX_SERVED_ENTITIES,
                            "items": _ref("ServedModelInput")},
-         "traffic_config": _ref("TrafficConfig")},
+         "traffic_config": _ref("TrafficConfig"),
+         "auto_capture_config": _ref("InferenceTableConfig")},
         oneOf=[{"required": ["served_entities"]}, {"required": ["served_models"]}],
         description="served_entities or (legacy) served_models, not both; entity names unique.",
     ),
@@ -217,13 +218,21 @@ SCHEMAS: dict[str, Any] = {
         additionalProperties=False,
         description="At most one limit per (key, principal).",
     ),
+    "InferenceTableConfig": _obj(
+        {"catalog_name": _STRING, "schema_name": _STRING, "table_name_prefix": _STRING,
+         "enabled": {"type": "boolean"}},
+        description="Log every request and response of the endpoint to a Delta table (DATA_DIR/inference/<endpoint> "
+                    "or under BERTH_INFERENCE_TABLES_URI), with the AI-gateway payload table's columns; "
+                    "catalog_name and schema_name are required when enabled.",
+    ),
     "AiGatewayConfig": _obj(
         {"rate_limits": _RATE_LIMITS,
+         "inference_table_config": _ref("InferenceTableConfig"),
          **{block: _obj({"enabled": {"type": "boolean", "enum": [False]}},
                         description="Not supported yet: accepted only when disabled.")
-            for block in ("inference_table_config", "usage_tracking_config", "guardrails", "fallback_config")}},
+            for block in ("usage_tracking_config", "guardrails", "fallback_config")}},
         additionalProperties=False,
-        description="Databricks' AiGatewayConfig; Berth enforces its rate_limits.",
+        description="Databricks' AiGatewayConfig; Berth enforces its rate_limits and writes its inference table.",
     ),
     "RateLimits": _obj({"rate_limits": _RATE_LIMITS}, additionalProperties=False),
     "RateLimitsOutput": _obj({"rate_limits": _RATE_LIMITS}, ["rate_limits"]),
@@ -445,7 +454,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "The autoscaler's newest decisions, oldest first", _ENDPOINTS, (200, "AutoscalerDecisions", "Decisions."),
         errors=(400, 403, 404), query=("served_entity_name", "limit"), description=_VIEW),
     (BASE + "/{name}/ai-gateway", "PUT"): _op(
-        "Set the endpoint's AI gateway config (rate limits)", _ENDPOINTS, (200, "AiGatewayConfig", "The config."),
+        "Set the endpoint's AI gateway config (rate limits, inference table)", _ENDPOINTS,
+        (200, "AiGatewayConfig", "The config."),
         body="AiGatewayConfig", errors=(403, 404), description=_MANAGE),
     (BASE + "/{name}/rate-limits", "PUT"): _op(
         "Set the endpoint's rate limits (deprecated: use ai-gateway)", _ENDPOINTS,

@@ -28,6 +28,7 @@ from berth.control.state import (
     now_ms,
 )
 from berth.gateway.routing import EndpointRoute, EntityRoute, EntityStatus, RoutingTable
+from berth.observability.inference import table_uri
 from berth.observability.metrics import Metrics
 from berth.store import ReplicaRecord, Store
 
@@ -75,8 +76,10 @@ class Reconciler:
         settle_s: float = 1.0,
         drain_grace_s: float = 30.0,
         metrics: Metrics | None = None,
+        inference_root: str = "",
     ) -> None:
         self.backend = backend
+        self.inference_root = inference_root  # inference tables live under it (berth.observability.inference)
         self.metrics = metrics  # replica start times (berth_replica_start_seconds)
         self.store = store
         self.crash_policy = crash_policy
@@ -359,16 +362,19 @@ class Reconciler:
 
     # Routing
     def publish_routes(self) -> None:
-        self.on_routes(build_routing_table(self.endpoints.values()))
+        self.on_routes(build_routing_table(self.endpoints.values(), self.inference_root))
 
 
-def build_routing_table(endpoints: object) -> RoutingTable:
-    """The gateway's view of the serving configs: weights, statuses and ready replicas."""
+def build_routing_table(endpoints: object, inference_root: str = "") -> RoutingTable:
+    """The gateway's view of the serving configs: weights, statuses and ready replicas, and where
+    each endpoint's requests are logged (its inference table under `inference_root`, if it has one)."""
     table: dict[str, EndpointRoute] = {}
     for endpoint in endpoints:  # type: ignore[attr-defined]
         active: ConfigRuntime | None = endpoint.active
+        capture = table_uri(inference_root, endpoint.name) if inference_root and endpoint.capture else ""
         if active is None:
-            table[endpoint.name] = EndpointRoute(endpoint.name, (), creating=True, rate_limits=endpoint.rate_limits)
+            table[endpoint.name] = EndpointRoute(endpoint.name, (), creating=True, rate_limits=endpoint.rate_limits,
+                                                 capture=capture)
             continue
         weights = {r.served_model_name: r.traffic_percentage for r in active.config.routes}
         entities = []
@@ -390,7 +396,9 @@ def build_routing_table(endpoints: object) -> RoutingTable:
                     replicas=tuple((r.handle.id, r.handle.address) for r in ent.ready_replicas),
                     message=ent.message if status is EntityStatus.FAILED else "",
                     concurrency=sum(r.concurrency or ent.concurrency for r in ent.ready_replicas),
+                    uid=ent.uid,
                 )
             )
-        table[endpoint.name] = EndpointRoute(endpoint.name, tuple(entities), rate_limits=endpoint.rate_limits)
+        table[endpoint.name] = EndpointRoute(endpoint.name, tuple(entities), rate_limits=endpoint.rate_limits,
+                                             capture=capture)
     return RoutingTable(table)

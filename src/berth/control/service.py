@@ -31,6 +31,7 @@ from berth.control.state import (
 )
 from berth.errors import InvalidParameterValue, ResourceConflict, ResourceDoesNotExist
 from berth.observability.export import RequestWindow, Totals, render_endpoint_metrics
+from berth.observability.inference import InferenceTableConfig, parse_inference_table
 from berth.observability.metrics import no_requests
 from berth.ratelimit.rules import RateLimit, parse_rate_limits
 from berth.runtimes import PYFUNC
@@ -67,7 +68,7 @@ class EndpointService:
             )
         config = parse_config(body.get("config"))
         tags = _parse_tags(body.get("tags"))
-        limits = parse_ai_gateway(body["ai_gateway"]) if body.get("ai_gateway") is not None else ()
+        limits, table = parse_ai_gateway(body["ai_gateway"]) if body.get("ai_gateway") is not None else ((), None)
         if body.get("rate_limits") is not None:  # the deprecated field
             if limits:
                 raise InvalidParameterValue("Give rate limits in 'ai_gateway.rate_limits' or in the deprecated "
@@ -86,6 +87,7 @@ class EndpointService:
             tags=tags,
             description=description,
             rate_limits=limits,
+            inference_table=table,
         )
         endpoint.pending, _ = self._config_runtime(endpoint, 1, config)
         endpoint.config_update = ConfigUpdate.IN_PROGRESS
@@ -154,19 +156,22 @@ class EndpointService:
             unknown = set(body) - {"rate_limits"}
             if unknown:
                 raise InvalidParameterValue(f"Unknown field(s): {', '.join(sorted(unknown))}.")
-            limits = parse_rate_limits(body.get("rate_limits"))
+            limits, table = parse_rate_limits(body.get("rate_limits")), endpoint.inference_table
         else:
-            limits = parse_ai_gateway(body)
-        previous = endpoint.rate_limits
-        endpoint.rate_limits = limits
+            limits, table = parse_ai_gateway(body)
+        previous = endpoint.rate_limits, endpoint.inference_table
+        endpoint.rate_limits, endpoint.inference_table = limits, table
         try:
             self.persist(endpoint)
         except Exception:
-            endpoint.rate_limits = previous
+            endpoint.rate_limits, endpoint.inference_table = previous
             raise
         self.reconciler.publish_routes()
         rules = [r.to_dict() for r in limits]
-        return {"rate_limits": rules} if legacy or rules or "rate_limits" in body else {}
+        out: dict[str, Any] = {"rate_limits": rules} if legacy or rules or "rate_limits" in body else {}
+        if table is not None and not legacy:
+            out["inference_table_config"] = table.to_dict()
+        return out
 
     async def delete(self, name: str) -> None:
         self._endpoint(name)
@@ -283,6 +288,7 @@ class EndpointService:
             tags=doc.get("tags", []),
             description=doc.get("description"),
             rate_limits=parse_rate_limits(doc.get("rate_limits")),
+            inference_table=parse_inference_table(doc.get("inference_table"), "inference_table"),
         )
         for slot in ("active", "pending"):
             saved = doc.get(slot)
@@ -332,6 +338,7 @@ def to_doc(endpoint: EndpointRuntime) -> dict[str, Any]:
         "tags": endpoint.tags,
         "description": endpoint.description,
         "rate_limits": [r.to_dict() for r in endpoint.rate_limits],
+        "inference_table": endpoint.inference_table.to_dict() if endpoint.inference_table is not None else None,
         "active": cfg_doc(endpoint.active),
         "pending": cfg_doc(endpoint.pending),
     }
@@ -339,26 +346,27 @@ def to_doc(endpoint: EndpointRuntime) -> dict[str, Any]:
 
 # AI-gateway blocks Berth does not do yet: refused when enabled, so nobody believes them on.
 _AI_GATEWAY_LATER = {
-    "inference_table_config": "inference tables",
     "usage_tracking_config": "usage tracking",
     "guardrails": "guardrails",
     "fallback_config": "fallbacks",
 }
 
 
-def parse_ai_gateway(raw: Any) -> tuple[RateLimit, ...]:
-    """An `AiGatewayConfig`: its rate limits; 400 for the blocks Berth cannot honour yet."""
+def parse_ai_gateway(raw: Any) -> tuple[tuple[RateLimit, ...], InferenceTableConfig | None]:
+    """An `AiGatewayConfig`: its rate limits and inference table; 400 for the blocks Berth cannot honour yet."""
     if not isinstance(raw, dict):
         raise InvalidParameterValue("'ai_gateway' must be an object.")
-    unknown = set(raw) - {"rate_limits", *_AI_GATEWAY_LATER}
+    unknown = set(raw) - {"rate_limits", "inference_table_config", *_AI_GATEWAY_LATER}
     if unknown:
         raise InvalidParameterValue(f"ai_gateway has unknown field(s): {', '.join(sorted(unknown))}.")
     for block, what in _AI_GATEWAY_LATER.items():
         value = raw.get(block)
         if value is None or (isinstance(value, dict) and not value.get("enabled", bool(value))):
             continue
-        raise InvalidParameterValue(f"ai_gateway.{block}: {what} are not supported yet; only rate_limits are.")
-    return parse_rate_limits(raw.get("rate_limits"), "ai_gateway.rate_limits")
+        raise InvalidParameterValue(f"ai_gateway.{block}: {what} are not supported yet; rate_limits and "
+                                    "inference_table_config are.")
+    table = parse_inference_table(raw.get("inference_table_config"), "ai_gateway.inference_table_config")
+    return parse_rate_limits(raw.get("rate_limits"), "ai_gateway.rate_limits"), table
 
 
 def _parse_tags(raw: Any) -> list[dict[str, str]]:

@@ -12,6 +12,7 @@ from pathlib import PurePath
 from typing import Any
 
 from berth.errors import InvalidParameterValue
+from berth.observability.inference import InferenceTableConfig, parse_inference_table
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")  # \Z: `$` also matches before a final "\n"
 MAX_SERVED_ENTITIES = 15
@@ -103,6 +104,7 @@ class EndpointConfig:
 
     served_entities: tuple[ServedEntitySpec, ...]
     routes: tuple[Route, ...]
+    auto_capture: InferenceTableConfig | None = None  # the legacy inference table (`auto_capture_config`)
 
     def entity(self, name: str) -> ServedEntitySpec:
         for e in self.served_entities:
@@ -111,16 +113,22 @@ class EndpointConfig:
         raise KeyError(name)
 
     def to_input_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "served_entities": [e.to_input_dict() for e in self.served_entities],
             "traffic_config": {"routes": [r.to_dict() for r in self.routes]},
         }
+        if self.auto_capture is not None:
+            out["auto_capture_config"] = self.auto_capture.to_dict()
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "served_entities": [e.to_dict() for e in self.served_entities],
             "traffic_config": {"routes": [r.to_dict() for r in self.routes]},
         }
+        if self.auto_capture is not None:
+            out["auto_capture_config"] = self.auto_capture.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,8 @@ def parse_config(raw: Any) -> EndpointConfig:
     if dupes:
         raise InvalidParameterValue(f"Served entity names must be unique; repeated: {dupes}.")
     routes = _parse_routes(raw.get("traffic_config"), names)
-    return EndpointConfig(served_entities=entities, routes=routes)
+    capture = parse_inference_table(raw.get("auto_capture_config"), "config.auto_capture_config")
+    return EndpointConfig(served_entities=entities, routes=routes, auto_capture=capture)
 
 
 def _from_served_model(m: Any) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 from berth.autoscaler import Bounds, Decision
 from berth.backends.base import ReplicaHandle
 from berth.control.spec import EndpointConfig, ReplicaPlan, ServedEntitySpec
+from berth.observability.inference import InferenceTableConfig
 from berth.ratelimit.rules import RateLimit
 
 
@@ -149,6 +150,12 @@ class ConfigRuntime:
             "served_entities": [self.entities[e.name].view(creator, e) for e in self.config.served_entities],
             "traffic_config": {"routes": [r.to_dict() for r in self.config.routes]},
         }
+        capture = self.config.auto_capture
+        if capture is not None:
+            out["auto_capture_config"] = capture.to_dict()
+            if capture.enabled:
+                out["auto_capture_config"]["state"] = {"payload_table": {"name": capture.table_name,
+                                                                         "status": "ACTIVE"}}
         if pending:
             out["start_time"] = self.start_time
         return out
@@ -169,6 +176,15 @@ class EndpointRuntime:
     tags: list[dict[str, str]] = field(default_factory=list)
     description: str | None = None
     rate_limits: tuple[RateLimit, ...] = ()  # the AI-gateway rate limits, enforced by the gateway
+    inference_table: InferenceTableConfig | None = None  # the AI-gateway inference table
+
+    @property
+    def capture(self) -> InferenceTableConfig | None:
+        """The inference table requests are logged to: the AI gateway's, else the live config's legacy one."""
+        if self.inference_table is not None and self.inference_table.enabled:
+            return self.inference_table
+        legacy = self.active.config.auto_capture if self.active is not None else None
+        return legacy if legacy is not None and legacy.enabled else None
 
     def entities(self) -> list[EntityRuntime]:
         """Every distinct entity of the active and pending configs."""
@@ -206,8 +222,13 @@ class EndpointRuntime:
         }
         if self.description is not None:
             out["description"] = self.description
+        gateway: dict[str, Any] = {}
         if self.rate_limits:
-            out["ai_gateway"] = {"rate_limits": [r.to_dict() for r in self.rate_limits]}
+            gateway["rate_limits"] = [r.to_dict() for r in self.rate_limits]
+        if self.inference_table is not None:
+            gateway["inference_table_config"] = self.inference_table.to_dict()
+        if gateway:
+            out["ai_gateway"] = gateway
         if self.active is not None:
             out["config"] = self.active.view(self.creator)
         if self.pending is not None:

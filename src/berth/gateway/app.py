@@ -54,6 +54,7 @@ from berth.http import (
     read_body,
     send_response,
 )
+from berth.observability.inference import InferenceLog
 from berth.observability.metrics import Metrics
 from berth.payload import PayloadLimits, check_head
 from berth.ratelimit import Limiter
@@ -102,7 +103,8 @@ class Gateway:
     def __init__(self, auth: TokenAuthority, metrics: Metrics, limiter: Limiter, *, request_timeout_s: float,
                  name: str = "0", hold_timeout_s: float = 60.0, queue_wait_s: float = 0.0,
                  on_demand: Callable[[str, str], None] | None = None,
-                 payload_limits: PayloadLimits | None = None, processes: int = 1) -> None:
+                 payload_limits: PayloadLimits | None = None, processes: int = 1,
+                 inference_buffer_mb: float = 64.0) -> None:
         self.auth = auth
         self.payload_limits = payload_limits or PayloadLimits()  # what one request may carry (berth.payload)
         self.metrics = metrics
@@ -122,6 +124,12 @@ class Gateway:
         self.holding: dict[tuple[str, str], int] = {}  # requests waiting for a replica, by (endpoint, entity)
         self.admissions: dict[tuple[str, str], Admission] = {}  # in flight and queued, by (endpoint, entity)
         self.processes = processes  # the host's gateway processes: each admits its share of the concurrency
+        # This process's writer of inference-table rows (a thread starts with the first row).
+        self.inference = InferenceLog(
+            int(inference_buffer_mb * 2**20),
+            on_written=lambda endpoint, n: metrics.inference_written.labels(endpoint).inc(n),
+            on_dropped=lambda endpoint, n: metrics.inference_dropped.labels(endpoint).inc(n),
+        )
 
     def set_routes(self, table: RoutingTable) -> None:
         """Swap in a new routing table; pools of replicas it no longer names are closed."""
@@ -164,7 +172,7 @@ class Gateway:
         try:
             body = await read_body(receive, self.payload_limits.max_body_bytes)
         except BerthError as exc:  # a body over the limit: it never reaches a replica
-            await self._refuse_body(name, send, exc)
+            await self._refuse_body(name, send, exc, caller)
             return
         read_at = time.perf_counter()
         route = self.table.endpoints.get(name)
@@ -194,6 +202,19 @@ class Gateway:
                        self.name_header]
         await send_response(send, status, payload, headers)
         self._record(name, entity, status, read_at, outcome)
+        if route is not None and route.capture:
+            self._capture(route, entity, body, status, payload, outcome, caller)
+
+    def _capture(self, route: EndpointRoute, entity: str, body: bytes, status: int, payload: bytes,
+                 outcome: object, caller: Caller) -> None:
+        """Log the request to the endpoint's inference table (a row queued for this process's writer)."""
+        uid = next((e.uid for e in route.entities if e.name == entity), None) if entity else None
+        executed = None
+        if isinstance(outcome, UpstreamResponse):
+            executed = round((outcome.received_at - outcome.sent_at) * 1e3)
+        self.inference.record(route.name, route.capture, status=status, request=body, response=payload,
+                              entity_id=uid, requester=caller.name,
+                              execution_ms=executed, received=time.time())
 
     async def _limit(self, route: EndpointRoute, caller: Caller) -> RequestLimitExceeded | None:
         """Count the request in the endpoint's rate-limit windows; the refusal if one is full."""
@@ -371,11 +392,15 @@ class Gateway:
                     retry_after=1,
                 )
 
-    async def _refuse_body(self, name: str, send: Send, exc: BerthError) -> None:
+    async def _refuse_body(self, name: str, send: Send, exc: BerthError, caller: Caller) -> None:
         """Answer a request refused before it was routed (its body is over the limit), and count it."""
         status, payload, headers = error_body(exc)
         await send_response(send, status, payload, [*headers, self.name_header])
-        self._record(name if name in self.table.endpoints else "", "", status, time.perf_counter(), exc)
+        route = self.table.endpoints.get(name)
+        self._record(name if route is not None else "", "", status, time.perf_counter(), exc)
+        if route is not None and route.capture:  # the body was not kept: the row says why its request is NULL
+            self.inference.record(route.name, route.capture, status=status, request=None, response=payload,
+                                  entity_id=None, requester=caller.name, execution_ms=None, received=time.time())
 
     def _record(self, endpoint: str, entity: str, status: int, read_at: float, outcome: object) -> None:
         done = time.perf_counter()
@@ -397,6 +422,7 @@ class Gateway:
         for upstream in self.upstreams.values():
             upstream.close()
         self.upstreams.clear()
+        self.inference.close()  # what is buffered goes to the tables: a clean shutdown loses no row
 
 
 class RootApp:

@@ -56,7 +56,8 @@ class GatewayHub:
     def __init__(self, workers: int, run_dir: Path, *, request_timeout_s: float, log_dir: Path,
                  hold_timeout_s: float = 60.0, queue_wait_s: float = 0.0, log: tuple[str, str] = ("text", "info"),
                  on_demand: Callable[[str, str], None] | None = None,
-                 redis_url: str | None = None, payload_limits: PayloadLimits | None = None) -> None:
+                 redis_url: str | None = None, payload_limits: PayloadLimits | None = None,
+                 inference_buffer_mb: float = 64.0) -> None:
         self.count = workers - 1  # the main process is gateway 0
         self.run_dir = run_dir
         self.feed_path = str(run_dir / "feed.sock")
@@ -71,6 +72,7 @@ class GatewayHub:
         self.limits_dir = run_dir / "limits"  # rate-limit windows every process maps (berth.ratelimit.local)
         self.redis_url = redis_url  # or, across hosts, in Redis
         self.on_demand = on_demand  # a worker holds a request for an entity at zero
+        self.inference_buffer_mb = inference_buffer_mb  # each worker's inference-table buffer
         self._state: dict[str, Any] = {"routes": [], "access": AccessState().to_json()}
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._workers = [_Worker(i) for i in range(1, workers)]
@@ -118,6 +120,7 @@ class GatewayHub:
             "--hold-timeout", str(self.hold_timeout_s), "--limits-dir", str(self.limits_dir),
             "--processes", str(self.count + 1), "--queue-wait", str(self.queue_wait_s),
             "--log-format", self.log[0], "--log-level", self.log[1],
+            "--inference-buffer-mb", str(self.inference_buffer_mb),
         ]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]

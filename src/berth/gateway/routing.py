@@ -32,6 +32,7 @@ class EntityRoute:
     replicas: tuple[tuple[str, str], ...] = ()  # (replica id, address) of ready replicas
     message: str = ""
     concurrency: int = 0  # provisioned concurrency of the ready replicas: what admission lets in flight
+    uid: str = ""  # the served entity's id (the inference table's served_entity_id)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class EndpointRoute:
     entities: tuple[EntityRoute, ...]
     creating: bool = False  # no config has gone live yet
     rate_limits: tuple[RateLimit, ...] = ()
+    capture: str = ""  # the URI of the endpoint's inference table; "": requests are not logged
     cumulative: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,10 +64,11 @@ class RoutingTable:
                 "name": ep.name,
                 "creating": ep.creating,
                 "rate_limits": [r.to_dict() for r in ep.rate_limits],
+                "capture": ep.capture,
                 "entities": [
                     {"name": e.name, "percentage": e.percentage, "status": e.status.value,
                      "replicas": [list(r) for r in e.replicas], "message": e.message,
-                     "concurrency": e.concurrency}
+                     "concurrency": e.concurrency, "uid": e.uid}
                     for e in ep.entities
                 ],
             }
@@ -79,11 +82,11 @@ class RoutingTable:
             entities = tuple(
                 EntityRoute(e["name"], e["percentage"], EntityStatus(e["status"]),
                             tuple((rid, address) for rid, address in e["replicas"]), e["message"],
-                            e["concurrency"])
+                            e["concurrency"], e["uid"])
                 for e in ep["entities"]
             )
             limits = tuple(RateLimit(**r) for r in ep["rate_limits"])
-            endpoints[ep["name"]] = EndpointRoute(ep["name"], entities, ep["creating"], limits)
+            endpoints[ep["name"]] = EndpointRoute(ep["name"], entities, ep["creating"], limits, ep["capture"])
         return cls(endpoints)
 
 

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-wait", type=float, default=0.0)
     parser.add_argument("--log-format", default="text")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--inference-buffer-mb", type=float, default=64.0)
     parser.add_argument("--payload-limits", default="{}", help="berth.payload.PayloadLimits as JSON")
     args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level, f"gateway-{args.index}")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     gateway = Gateway(TokenAuthority(), Metrics(shared_dir=args.metrics_dir), limiter, processes=args.processes,
                       request_timeout_s=args.request_timeout,
                       name=str(args.index), hold_timeout_s=args.hold_timeout, queue_wait_s=args.queue_wait,
-                      payload_limits=payload_limits,
+                      payload_limits=payload_limits, inference_buffer_mb=args.inference_buffer_mb,
                       on_demand=lambda endpoint, entity: feed.demand(endpoint, entity) if feed is not None else None)
     control = ControlForwarder(args.control, timeout_s=args.request_timeout)
     feed: Feed | None = None

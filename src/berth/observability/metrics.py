@@ -93,6 +93,15 @@ class Metrics:
             ["endpoint", "entity"],
             registry=own,
         )
+        self.inference_written = Counter(
+            "berth_inference_rows_written",
+            "Rows written to endpoints' inference tables (one per request logged).",
+            ["endpoint"], registry=own)
+        self.inference_dropped = Counter(
+            "berth_inference_rows_dropped",
+            "Inference-table rows dropped: the writer's buffer was full (the table's store slow or down). "
+            "The requests themselves were answered.",
+            ["endpoint"], registry=own)
         self.limiter_errors = Counter(
             "berth_rate_limiter_errors",
             "Rate-limit checks that failed (the shared store unreachable); those requests were admitted unchecked.",

@@ -1,0 +1,276 @@
+"""Inference tables: every request of an endpoint that has one, errors included, as a row of a Delta table.
+
+The config is Databricks' (`ai_gateway.inference_table_config`, or the legacy
+`config.auto_capture_config`): `{catalog_name, schema_name, table_name_prefix, enabled}`. The table
+has the AI-gateway payload table's columns (`schema()`) and lives at `<root>/<endpoint>`, where the
+root is `BERTH_INFERENCE_TABLES_URI` (a path or any URI deltalake writes: `s3://…`, `gs://…`,
+`az://…`, configured through the object store's usual environment variables), by default
+`DATA_DIR/inference`.
+
+Each gateway process logs its own requests. `InferenceLog.record` is what the hot path pays: it
+appends a tuple to a list under a lock. A daemon thread takes the list every `FLUSH_S` (sooner when
+it holds `FLUSH_ROWS`) and appends it to the table with `deltalake` (concurrent appends from several
+processes are Delta commits; delta-rs retries them). The buffer is bounded in bytes: past the bound
+a row is dropped and counted (`berth_inference_rows_dropped_total`), the request itself is never
+slowed; a failed write keeps its rows for the next try while they fit. `close()` writes what is left
+(a clean shutdown loses nothing) and gives up after `CLOSE_TIMEOUT_S` on a stalled store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from berth.errors import InvalidParameterValue
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger("berth.inference")
+
+FLUSH_S = 2.0  # rows reach the table within about this long
+FLUSH_ROWS = 5_000  # or sooner, once this many wait
+CLOSE_TIMEOUT_S = 5.0  # a clean shutdown waits this long for the last write to a stalled store
+# A request or response over this is not stored (NULL) and the row says so in `logging_error_codes`.
+MAX_PAYLOAD_BYTES = 1 << 20
+
+
+
+@cache
+def schema() -> pa.Schema:
+    """The AI-gateway payload table's columns (pyarrow is imported by the writer only)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("databricks_request_id", pa.string()),
+        ("client_request_id", pa.string()),
+        ("request_date", pa.date32()),
+        ("request_time", pa.timestamp("us", tz="UTC")),
+        ("status_code", pa.int32()),
+        ("sampling_fraction", pa.float64()),
+        ("execution_duration_ms", pa.int64()),
+        ("request", pa.string()),
+        ("response", pa.string()),
+        ("served_entity_id", pa.string()),
+        ("requester", pa.string()),
+        ("logging_error_codes", pa.list_(pa.string())),
+    ])
+
+
+_FIELDS = ("catalog_name", "schema_name", "table_name_prefix")
+
+
+@dataclass(frozen=True)
+class InferenceTableConfig:
+    """Databricks' `InferenceTableConfig` / `AutoCaptureConfigInput`."""
+
+    catalog_name: str = ""
+    schema_name: str = ""
+    table_name_prefix: str = ""
+    enabled: bool = False
+
+    @property
+    def table_name(self) -> str:
+        """`<catalog>.<schema>.<prefix>_payload`, Databricks' name for the payload table."""
+        return f"{self.catalog_name}.{self.schema_name}.{self.table_name_prefix}_payload"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in _FIELDS if getattr(self, k)}
+        out["enabled"] = self.enabled
+        return out
+
+
+def parse_inference_table(raw: Any, where: str) -> InferenceTableConfig | None:
+    """`where` names the field in errors (`ai_gateway.inference_table_config`, `auto_capture_config`)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidParameterValue(f"'{where}' must be an object.")
+    unknown = set(raw) - {*_FIELDS, "enabled", "state"}  # `state` comes back from GET: accepted, ignored
+    if unknown:
+        raise InvalidParameterValue(f"{where} has unknown field(s): {', '.join(sorted(unknown))}.")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise InvalidParameterValue(f"{where}.enabled must be a boolean.")
+    values = {}
+    for name in _FIELDS:
+        value = raw.get(name, "")
+        if not isinstance(value, str) or len(value) > 255 or any(c in value for c in "./ `"):
+            raise InvalidParameterValue(f"{where}.{name} must be a name of at most 255 characters without "
+                                        f"'.', '/', '`' or spaces; got {value!r}.")
+        values[name] = value
+    if enabled and not (values["catalog_name"] and values["schema_name"]):
+        raise InvalidParameterValue(f"{where} needs catalog_name and schema_name when enabled.")
+    return InferenceTableConfig(**values, enabled=enabled)
+
+
+def table_uri(root: str, endpoint: str) -> str:
+    return f"{root.rstrip('/')}/{endpoint}"
+
+
+def client_request_id(body: bytes) -> str | None:
+    """The body's top-level `client_request_id` (Databricks' field), if it is a string."""
+    if b"client_request_id" not in body:  # the common case costs a byte scan, not a parse
+        return None
+    import orjson
+
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    value = doc.get("client_request_id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
+
+
+Row = tuple[Any, ...]
+
+
+class InferenceLog:
+    """One process's buffered writer of inference-table rows, one table per endpoint."""
+
+    def __init__(self, max_bytes: int, *, on_written: Callable[[str, int], None] | None = None,
+                 on_dropped: Callable[[str, int], None] | None = None,
+                 write: Callable[[str, pa.Table], None] | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.on_written = on_written or (lambda endpoint, n: None)
+        self.on_dropped = on_dropped or (lambda endpoint, n: None)
+        self._write = write or _append
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._rows: dict[tuple[str, str], list[Row]] = {}  # (endpoint, table URI) -> rows
+        self._count = 0
+        self._bytes = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.written = 0
+        self.dropped = 0
+
+    def record(self, endpoint: str, uri: str, *, status: int, request: bytes | None, response: bytes | None,
+               entity_id: str | None, requester: str | None, execution_ms: int | None,
+               received: float) -> None:
+        """Queue one request's row (what the hot path calls, after its answer is written). `request`
+        None: the body was refused unread for its size."""
+        errors: list[str] = []
+        request_text: str | None = None
+        if request is None or len(request) > MAX_PAYLOAD_BYTES:
+            errors.append("MAX_REQUEST_SIZE_EXCEEDED")
+        else:
+            request_text = request.decode("utf-8", "replace")
+        response_text: str | None = None
+        if response is not None:
+            if len(response) > MAX_PAYLOAD_BYTES:
+                errors.append("MAX_RESPONSE_SIZE_EXCEEDED")
+            else:
+                response_text = response.decode("utf-8", "replace")
+        when = dt.datetime.fromtimestamp(received, dt.UTC)
+        client_id = client_request_id(request) if request is not None and request_text is not None else None
+        row = (uuid.uuid4().hex, client_id, when.date(), when, status, 1.0, execution_ms,
+               request_text, response_text, entity_id, requester, errors)
+        size = _size(row)
+        with self._lock:
+            if self._bytes + size > self.max_bytes:
+                self.dropped += 1
+                dropped = True
+            else:
+                dropped = False
+                self._rows.setdefault((endpoint, uri), []).append(row)
+                self._count += 1
+                self._bytes += size
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="berth-inference", daemon=True)
+                    self._thread.start()
+                elif self._count >= FLUSH_ROWS:
+                    self._wake.notify()
+        if dropped:
+            self.on_dropped(endpoint, 1)
+
+    @property
+    def pending(self) -> int:
+        return self._count
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._closing and self._count < FLUSH_ROWS:
+                    self._wake.wait(FLUSH_S)
+                batches, self._rows = self._rows, {}
+                self._count = self._bytes = 0
+                closing = self._closing
+            for (endpoint, uri), rows in batches.items():
+                self._flush(endpoint, uri, rows)
+            if closing:
+                with self._lock:
+                    if not self._rows:
+                        self._wake.notify_all()  # tell close() it is done
+                        return
+
+    def _flush(self, endpoint: str, uri: str, rows: list[Row]) -> None:
+        try:
+            import pyarrow as pa
+
+            columns = zip(*rows, strict=True)
+            self._write(uri, pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema(), strict=True)],
+                                                  schema=schema()))
+        except Exception as exc:
+            log.warning("inference table %s: writing %d row(s) failed, will retry: %r", uri, len(rows), exc,
+                        extra={"endpoint": endpoint, "table": uri, "rows": len(rows)})
+            self._requeue(endpoint, uri, rows)
+            time.sleep(min(FLUSH_S, 1.0))
+            return
+        self.written += len(rows)
+        self.on_written(endpoint, len(rows))
+
+    def _requeue(self, endpoint: str, uri: str, rows: list[Row]) -> None:
+        """Put a failed batch back in front, as far as the bound allows; the rest is dropped and counted.
+        (While closing, the writer keeps trying until `close` stops waiting for it.)"""
+        with self._lock:
+            kept: list[Row] = []
+            room = self.max_bytes - self._bytes
+            for row in rows:
+                size = _size(row)
+                if size > room:
+                    break
+                kept.append(row)
+                room -= size
+                self._bytes += size
+            if kept:
+                self._rows[(endpoint, uri)] = kept + self._rows.get((endpoint, uri), [])
+            self._count += len(kept)
+            lost = len(rows) - len(kept)
+            self.dropped += lost
+        if lost:
+            self.on_dropped(endpoint, lost)
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Write what is buffered; False if the store did not take it within `timeout_s`."""
+        with self._lock:
+            self._closing = True
+            thread = self._thread
+            if thread is None:
+                return True
+            self._wake.notify_all()
+        thread.join(timeout_s)
+        if thread.is_alive():
+            log.warning("inference tables: the last write did not finish within %g s; %d row(s) not written",
+                        timeout_s, self._count)
+            return False
+        return True
+
+
+def _size(row: Row) -> int:
+    """What a row is counted as against the buffer's bound: its payloads and a fixed 200 for the rest."""
+    return 200 + len(row[7] or "") + len(row[8] or "")
+
+
+def _append(uri: str, table: pa.Table) -> None:
+    from deltalake import write_deltalake
+
+    write_deltalake(uri, table, mode="append", partition_by=["request_date"],
+                    configuration={"delta.appendOnly": "true"})
