@@ -1,11 +1,12 @@
-"""What the hot path's guards cost: CPU per request with authentication and rate limiting on vs off.
+"""What the hot path's guards and observability cost: CPU per request, and throughput, with each on vs off.
 
-    .venv/bin/python -m bench.hot_path_cost            # 5 interleaved reps × 4 variants, 400 req/s × 10 s each
+    .venv/bin/python -m bench.hot_path_cost            # auth and rate limits: 5 interleaved reps × 4 variants
+    .venv/bin/python -m bench.hot_path_cost --what observability   # metrics and inference tables: × 3 variants
     .venv/bin/python -m bench.hot_path_cost --smoke    # a second of load per variant: checks the harness
     .venv/bin/python -m bench.hot_path_cost --reps 7 --rate 800 --json-out cost.json
 
-Four servers serve the same logistic-regression model (one replica, per-replica concurrency 16, no
-warm pool), one variant each:
+Servers serve the same logistic-regression model (one replica, per-replica concurrency 16, no warm
+pool), one variant each. `--what guards` (the default):
 
 - **unguarded**: `bench.unguarded`, the product with authentication and the CAN_QUERY check
   short-circuited (every caller an admin), no rate limits: the baseline;
@@ -14,14 +15,23 @@ warm pool), one variant each:
   the host's shared-memory windows (`berth.ratelimit.local`);
 - **auth + limits (Redis)**: the same limits counted in Redis (`BERTH_REDIS_URL`, the local server).
 
+`--what observability`:
+
+- **unmetered**: `bench.unmetered`, the product without the gateway's per-request histograms (the
+  answer count by status stays: the harness counts with it): the baseline;
+- **metrics**: `berth server` as shipped;
+- **metrics + inference table**: plus the endpoint's inference table (every request a Delta row);
+  at the end, the rows in the table must equal the requests answered.
+
 The limits are a million calls a minute, so nothing is refused: what is measured is their
 bookkeeping. Each run offers a fixed rate below saturation, open loop (`berth loadtest`, pinned to
 the last core), and measures the CPU time (user + system from /proc) of every process of the
 server's tree, the load generator excluded, divided by the requests answered; the Redis server's
 own CPU is reported beside it (it is shared infrastructure, not the server's tree). Variants are
 interleaved within each rep, their order rotated from rep to rep (one server under load at a time,
-the others idle), and the table quotes medians. Then each guard alone, called in a loop in this
-process: µs of CPU per call. Every answer must be 200: anything else fails the run.
+the others idle), and the table quotes medians. After the CPU runs, the same rotation measures
+throughput: a closed loop on the run's connections. Then (guards) each guard alone, called in a loop
+in this process: µs of CPU per call. Every answer must be 200: anything else fails the run.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -42,7 +53,8 @@ import httpx
 import psutil
 
 from bench.models import build_lr, request_body
-from bench.procs import BenchError, BerthServer, cpu_seconds, open_loop, wait_idle
+from bench.procs import BenchError, BerthServer, closed_loop, cpu_seconds, open_loop, wait_idle
+from berth.observability.inference import FLUSH_S
 
 ENDPOINT = "cost"
 CONCURRENCY = 16  # one replica
@@ -56,14 +68,25 @@ class Variant:
     module: str = "berth"
     rate_limits: bool = False
     redis: bool = False
+    inference: bool = False  # the endpoint logs every request to its inference table
 
 
-VARIANTS = (
-    Variant("unguarded", module="bench.unguarded"),
-    Variant("auth"),
-    Variant("auth + limits (host)", rate_limits=True),
-    Variant("auth + limits (Redis)", rate_limits=True, redis=True),
-)
+# Two sets (`--what`), each against its own baseline, the first of the set.
+GROUPS: dict[str, tuple[Variant, ...]] = {
+    "guards": (
+        Variant("unguarded", module="bench.unguarded"),
+        Variant("auth"),
+        Variant("auth + limits (host)", rate_limits=True),
+        Variant("auth + limits (Redis)", rate_limits=True, redis=True),
+    ),
+    "observability": (
+        Variant("unmetered", module="bench.unmetered"),
+        Variant("metrics"),
+        Variant("metrics + inference table", inference=True),
+    ),
+}
+VARIANTS = tuple(v for group in GROUPS.values() for v in group)
+INFERENCE_TABLE = {"catalog_name": "bench", "schema_name": "cost", "table_name_prefix": "cost", "enabled": True}
 
 
 @dataclass(frozen=True)
@@ -74,13 +97,16 @@ class Config:
     warmup_s: float = 1.0
     connections: int = 16
     guard_iterations: int = 20_000
-    variants: tuple[str, ...] = tuple(v.name for v in VARIANTS)  # "unguarded", the baseline, among them
+    what: str = "guards"  # which GROUPS set
+    variants: tuple[str, ...] = ()  # of that set; empty: all of it
+    saturation_s: float = 3.0  # after each fixed-rate run, a closed loop this long: the throughput
     json_out: Path | None = None
 
 
-# The smoke runs the baseline and the variant with every guard (auth, and limits in Redis): two servers, not four.
-SMOKE = {"reps": 1, "rate": 50.0, "duration_s": 1.0, "warmup_s": 0.0, "guard_iterations": 200,
-         "variants": ("unguarded", "auth + limits (Redis)")}
+# The smoke runs each set's baseline and its variant with everything on: two servers, not four.
+SMOKE = {"reps": 1, "rate": 50.0, "duration_s": 1.0, "warmup_s": 0.0, "guard_iterations": 200, "saturation_s": 0.5}
+SMOKE_VARIANTS = {"guards": ("unguarded", "auth + limits (Redis)"),
+                  "observability": ("unmetered", "metrics + inference table")}
 
 
 @dataclass
@@ -93,6 +119,7 @@ class Run:
     redis_cpu_s: float
     p50_ms: float
     p99_ms: float
+    throughput_rps: float = 0.0  # closed loop, `saturation_s`, the connections of the run
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -108,6 +135,7 @@ class Report:
     config: Config
     runs: list[Run] = field(default_factory=list)
     guards: dict[str, dict[str, float]] = field(default_factory=dict)  # guard_costs()
+    inference_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # variant: (answered, rows written)
 
     def of(self, variant: str) -> list[Run]:
         return [r for r in self.runs if r.variant == variant]
@@ -117,7 +145,12 @@ class Report:
 
     @property
     def variants(self) -> list[Variant]:
-        return [v for v in VARIANTS if v.name in self.config.variants]
+        group = GROUPS[self.config.what]
+        return [v for v in group if not self.config.variants or v.name in self.config.variants]
+
+    @property
+    def baseline(self) -> str:
+        return GROUPS[self.config.what][0].name
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +161,7 @@ class Report:
                                  "redis_ms_per_request": self.median(v.name, Run.redis_ms_per_request.fget)}  # type: ignore[arg-type]
                         for v in self.variants if self.of(v.name)},
             "guards": self.guards,
+            "inference_rows": self.inference_rows,
         }
 
 
@@ -163,13 +197,26 @@ def start_variant(variant: Variant, workdir: Path, model: Path) -> BerthServer:
     server.start(**settings)
     server.create_endpoint(ENDPOINT, model, CONCURRENCY)
     server.wait_ready(ENDPOINT)
+    gateway: dict[str, Any] = {}
     if variant.rate_limits:
-        limits = [{"calls": LIMIT_CALLS, "key": key, "renewal_period": "minute"} for key in ("endpoint", "user")]
+        gateway["rate_limits"] = [{"calls": LIMIT_CALLS, "key": key, "renewal_period": "minute"}
+                                  for key in ("endpoint", "user")]
+    if variant.inference:
+        gateway["inference_table_config"] = INFERENCE_TABLE
+    if gateway:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}, timeout=30) as c:
-            answer = c.put(f"/api/2.0/serving-endpoints/{ENDPOINT}/ai-gateway", json={"rate_limits": limits})
+            answer = c.put(f"/api/2.0/serving-endpoints/{ENDPOINT}/ai-gateway", json=gateway)
         if answer.status_code != 200:
-            raise BenchError(f"setting rate limits failed: {answer.status_code} {answer.text}")
+            raise BenchError(f"setting the AI gateway failed: {answer.status_code} {answer.text}")
     return server
+
+
+def inference_rows(server: BerthServer) -> int:
+    """Rows in the endpoint's inference table (read after the server stopped: all of them written)."""
+    from deltalake import DeltaTable
+
+    path = server.workdir / "data" / "inference" / ENDPOINT
+    return DeltaTable(str(path)).to_pyarrow_table(columns=["databricks_request_id"]).num_rows if path.exists() else 0
 
 
 def measure(variant: Variant, rep: int, server: BerthServer, everyone: list[BerthServer], cfg: Config,
@@ -180,6 +227,7 @@ def measure(variant: Variant, rep: int, server: BerthServer, everyone: list[Bert
     cpu0, redis0 = cpu_seconds(procs), cpu_seconds([redis] if redis else [])
     load = open_loop(server, ENDPOINT, body.decode(), rate=cfg.rate, duration_s=cfg.duration_s,
                      warmup_s=cfg.warmup_s, connections=cfg.connections)
+    time.sleep(FLUSH_S + 0.5)  # every variant alike: an inference table's last rows are written inside the window
     wait_idle(procs)
     cpu1, redis1 = cpu_seconds(procs), cpu_seconds([redis] if redis else [])
     answered = sum(server.statuses(ENDPOINT).values()) - before  # the warm-up included: its CPU is in the window
@@ -188,6 +236,15 @@ def measure(variant: Variant, rep: int, server: BerthServer, everyone: list[Bert
         raise BenchError(f"{variant.name}: not every answer was 200: {statuses}, errors {load['errors']}")
     return Run(variant.name, rep, answered, statuses, cpu1 - cpu0, redis1 - redis0 if variant.redis else 0.0,
                load["latency_ms"]["p50"], load["latency_ms"]["p99"])
+
+
+def saturate(variant: Variant, server: BerthServer, everyone: list[BerthServer], cfg: Config, body: bytes) -> float:
+    """Throughput: a closed loop over the run's connections, with the other servers idle; req/s."""
+    wait_idle([p for s in everyone for p in s.processes()])
+    closed = closed_loop(server, ENDPOINT, body.decode(), duration_s=cfg.saturation_s, connections=cfg.connections)
+    if set(closed["status_codes"]) != {"200"}:
+        raise BenchError(f"{variant.name}: the closed loop got {closed['status_codes']}")
+    return float(closed["rps"])
 
 
 def run_benchmark(cfg: Config, workdir: Path) -> Report:
@@ -212,11 +269,23 @@ def run_benchmark(cfg: Config, workdir: Path) -> Report:
                 run = measure(variant, rep, server, servers, cfg, body, redis)
                 log(f"rep {rep} {variant.name}: {run.cpu_ms_per_request:.3f} ms CPU/request, p50 {run.p50_ms:.2f} ms")
                 report.runs.append(run)
+        # Then the throughput, interleaved the same way (after the CPU runs: its backlog must not leak into them).
+        for rep in range(1, cfg.reps + 1):
+            shift = (rep - 1) % len(pairs)
+            for variant, server in pairs[shift:] + pairs[:shift]:
+                run = next(r for r in report.of(variant.name) if r.rep == rep)
+                run.throughput_rps = saturate(variant, server, servers, cfg, body)
+                log(f"rep {rep} {variant.name}: {run.throughput_rps:,.0f} req/s closed loop")
+        answered = {v.name: sum(s.statuses(ENDPOINT).values()) for v, s in pairs if v.inference}
     finally:
         for server in servers:
             server.stop()
-    log(f"the guards alone: {cfg.guard_iterations:,} calls each")
-    report.guards = guard_costs(cfg.guard_iterations, redis)
+    for variant, server in zip(report.variants, servers, strict=False):
+        if variant.name in answered:  # every request answered (closed loops too) is a row: none dropped
+            report.inference_rows[variant.name] = (answered[variant.name], inference_rows(server))
+    if cfg.what == "guards":
+        log(f"the guards alone: {cfg.guard_iterations:,} calls each")
+        report.guards = guard_costs(cfg.guard_iterations, redis)
     return report
 
 
@@ -227,7 +296,6 @@ def guard_costs(iterations: int, redis: psutil.Process | None) -> dict[str, dict
     """µs of CPU per call of each guard, called directly in a loop (this process's CPU; for Redis also
     the server's): the resolution the server-tree figures, with their noise, do not have."""
     import asyncio
-    import time
 
     from berth.access.permissions import Caller
     from berth.gateway.auth import AccessState, TokenAuthority, hash_token, new_token
@@ -289,23 +357,36 @@ def guard_costs(iterations: int, redis: psutil.Process | None) -> dict[str, dict
 
 def format_report(report: Report) -> str:
     cfg = report.config
-    base = report.median("unguarded", Run.cpu_ms_per_request.fget)  # type: ignore[arg-type]
+    base_name = report.baseline
+    base = report.median(base_name, Run.cpu_ms_per_request.fget)  # type: ignore[arg-type]
+    base_rps = report.median(base_name, lambda r: r.throughput_rps)
+    title = "Hot-path guards" if cfg.what == "guards" else "Metrics and inference tables"
     lines = [
         "",
-        f"Hot-path guards: logistic regression, 1 replica × {CONCURRENCY}; {cfg.rate:,.0f} req/s open loop for "
-        f"{cfg.duration_s:g} s per run; {cfg.reps} interleaved rep(s); medians (min–max)",
-        "| variant | server tree CPU ms/request | vs unguarded | Redis CPU ms/request | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|",
+        f"{title}: logistic regression, 1 replica × {CONCURRENCY}; {cfg.rate:,.0f} req/s open loop for "
+        f"{cfg.duration_s:g} s per run, then {cfg.saturation_s:g} s closed loop on {cfg.connections} connections; "
+        f"{cfg.reps} interleaved rep(s); medians (min–max)",
+        f"| variant | server tree CPU ms/request | vs {base_name} | Redis CPU ms/request | p50 ms | p99 ms | "
+        f"throughput req/s | vs {base_name} |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant in report.variants:
         runs = report.of(variant.name)
         cpu = [r.cpu_ms_per_request for r in runs]
-        med = statistics.median(cpu)
+        rps = [r.throughput_rps for r in runs]
+        med, med_rps = statistics.median(cpu), statistics.median(rps)
         redis = f"{statistics.median(r.redis_ms_per_request for r in runs):.3f}" if variant.redis else "–"
         lines.append(
             f"| {variant.name} | {med:.3f} ({min(cpu):.3f}–{max(cpu):.3f}) | ×{med / base:.3f} | {redis} | "
-            f"{statistics.median(r.p50_ms for r in runs):.2f} | {statistics.median(r.p99_ms for r in runs):.2f} |"
+            f"{statistics.median(r.p50_ms for r in runs):.2f} | {statistics.median(r.p99_ms for r in runs):.2f} | "
+            f"{med_rps:,.0f} ({min(rps):,.0f}–{max(rps):,.0f}) | ×{med_rps / base_rps:.3f} |"
         )
+    for name, (answered, rows) in report.inference_rows.items():
+        lines.append(f"\n{name}: {answered:,} requests answered, {rows:,} rows in the inference table "
+                     f"({'none lost' if rows == answered else 'MISMATCH'})")
+    if not report.guards:
+        lines.append("")
+        return "\n".join(lines)
     lines += [
         "",
         f"The guards alone, {cfg.guard_iterations:,} calls each in one process (µs per call)",
@@ -325,9 +406,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--reps", type=int)
     parser.add_argument("--rate", type=float, help="offered req/s, below saturation (default 400)")
     parser.add_argument("--duration", type=float, dest="duration_s", help="measured seconds per run (default 10)")
+    parser.add_argument("--what", choices=sorted(GROUPS), default="guards",
+                        help="guards: auth and rate limits; observability: metrics and inference tables")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
-    values: dict[str, Any] = dict(SMOKE) if args.smoke else {}
+    values: dict[str, Any] = {**SMOKE, "variants": SMOKE_VARIANTS[args.what]} if args.smoke else {}
     values.update({k: v for k, v in vars(args).items() if k != "smoke" and v is not None})
     return Config(**values)
 
@@ -341,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
     print(format_report(report))
+    lost = {name: counts for name, counts in report.inference_rows.items() if counts[0] != counts[1]}
+    if lost:
+        print(f"benchmark failed: inference-table rows do not match the requests answered: {lost}", file=sys.stderr)
+        return 1
     if cfg.json_out is not None:
         cfg.json_out.write_text(json.dumps(report.to_dict(), indent=2))
         log(f"results written to {cfg.json_out}")

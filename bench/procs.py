@@ -375,11 +375,26 @@ def open_loop(server: BerthServer, endpoint: str, body: str, *, rate: float, dur
               connections: int, timeout_s: float = 60.0) -> dict[str, Any]:
     """`berth loadtest --json` at `rate` open loop, in its own process (its CPU is its own), pinned to
     the last core (`pin_to_last_core`); its JSON report."""
-    cmd = [sys.executable, "-m", "berth", "loadtest", endpoint, "--rate", str(rate), "--duration", str(duration_s),
-           "--warmup", str(warmup_s), "--concurrency", str(connections), "--timeout", str(timeout_s),
+    return _loadtest(server, endpoint, body, ["--rate", str(rate), "--duration", str(duration_s),
+                                              "--warmup", str(warmup_s), "--concurrency", str(connections)],
+                     warmup_s + duration_s + timeout_s + 60, timeout_s)
+
+
+def closed_loop(server: BerthServer, endpoint: str, body: str, *, duration_s: float, connections: int,
+                timeout_s: float = 60.0) -> dict[str, Any]:
+    """`berth loadtest --json` closed loop (`connections` requests in flight) for `duration_s`, pinned
+    like `open_loop`; its JSON report (`rps`: the throughput)."""
+    return _loadtest(server, endpoint, body, ["--duration", str(duration_s), "--warmup", "0",
+                                              "--concurrency", str(connections)], duration_s + timeout_s + 60,
+                     timeout_s)
+
+
+def _loadtest(server: BerthServer, endpoint: str, body: str, args: list[str], limit_s: float,
+              timeout_s: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "berth", "loadtest", endpoint, *args, "--timeout", str(timeout_s),
            "--body", body, "--json", "--host", server.url, "--token", server.token]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), preexec_fn=pin_to_last_core(),
-                          timeout=warmup_s + duration_s + timeout_s + 60)
+                          timeout=limit_s)
     if proc.returncode != 0:
         raise BenchError(f"berth loadtest failed ({proc.returncode}): {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(proc.stdout)

@@ -18,7 +18,6 @@ slowed; a failed write keeps its rows for the next try while they fit. `close()`
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
@@ -154,25 +153,11 @@ class InferenceLog:
 
     def record(self, endpoint: str, uri: str, *, status: int, request: bytes | None, response: bytes | None,
                entity_id: str | None, requester: str | None, execution_ms: int | None,
-               received: float) -> None:
+               received: float, request_id: str | None = None) -> None:
         """Queue one request's row (what the hot path calls, after its answer is written). `request`
-        None: the body was refused unread for its size."""
-        errors: list[str] = []
-        request_text: str | None = None
-        if request is None or len(request) > MAX_PAYLOAD_BYTES:
-            errors.append("MAX_REQUEST_SIZE_EXCEEDED")
-        else:
-            request_text = request.decode("utf-8", "replace")
-        response_text: str | None = None
-        if response is not None:
-            if len(response) > MAX_PAYLOAD_BYTES:
-                errors.append("MAX_RESPONSE_SIZE_EXCEEDED")
-            else:
-                response_text = response.decode("utf-8", "replace")
-        when = dt.datetime.fromtimestamp(received, dt.UTC)
-        client_id = client_request_id(request) if request is not None and request_text is not None else None
-        row = (uuid.uuid4().hex, client_id, when.date(), when, status, 1.0, execution_ms,
-               request_text, response_text, entity_id, requester, errors)
+        None: the body was refused unread for its size. Only a tuple is made here: decoding, ids and
+        the columns are the writer thread's work."""
+        row = (request_id, received, status, execution_ms, request, response, entity_id, requester)
         size = _size(row)
         with self._lock:
             if self._bytes + size > self.max_bytes:
@@ -213,11 +198,7 @@ class InferenceLog:
 
     def _flush(self, endpoint: str, uri: str, rows: list[Row]) -> None:
         try:
-            import pyarrow as pa
-
-            columns = zip(*rows, strict=True)
-            self._write(uri, pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema(), strict=True)],
-                                                  schema=schema()))
+            self._write(uri, to_table(rows))
         except Exception as exc:
             log.warning("inference table %s: writing %d row(s) failed, will retry: %r", uri, len(rows), exc,
                         extra={"endpoint": endpoint, "table": uri, "rows": len(rows)})
@@ -266,7 +247,43 @@ class InferenceLog:
 
 def _size(row: Row) -> int:
     """What a row is counted as against the buffer's bound: its payloads and a fixed 200 for the rest."""
-    return 200 + len(row[7] or "") + len(row[8] or "")
+    return 200 + len(row[4] or b"") + len(row[5] or b"")
+
+
+def _payload(data: bytes | None, error: str, errors: list[str]) -> str | None:
+    if data is None or len(data) > MAX_PAYLOAD_BYTES:
+        errors.append(error)
+        return None
+    return data.decode("utf-8", "replace")
+
+
+def to_table(rows: list[Row]) -> pa.Table:
+    """The payload table's columns from the rows `InferenceLog.record` queued."""
+    import pyarrow as pa
+
+    ids, clients, times, statuses, executed, requests, responses, entities, requesters, codes = (
+        [] for _ in range(10))
+    for request_id, received, status, execution_ms, request, response, entity_id, requester in rows:
+        errors: list[str] = []
+        body = _payload(request, "MAX_REQUEST_SIZE_EXCEEDED", errors)
+        text = None if response is None else _payload(response, "MAX_RESPONSE_SIZE_EXCEEDED", errors)
+        ids.append(request_id or uuid.uuid4().hex)
+        clients.append(client_request_id(request) if request is not None and body is not None else None)
+        times.append(round(received * 1e6))
+        statuses.append(status)
+        executed.append(execution_ms)
+        requests.append(body)
+        responses.append(text)
+        entities.append(entity_id)
+        requesters.append(requester)
+        codes.append(errors)
+    micros = pa.array(times, pa.int64())
+    days = pa.array([t // 86_400_000_000 for t in times], pa.int32())
+    columns = [ids, clients, days.cast(pa.date32()), micros.cast(pa.timestamp("us", tz="UTC")), statuses,
+               [1.0] * len(rows), executed, requests, responses, entities, requesters, codes]
+    fields = schema()
+    return pa.Table.from_arrays([c if isinstance(c, pa.Array) else pa.array(c, f.type)
+                                 for c, f in zip(columns, fields, strict=True)], schema=fields)
 
 
 def _append(uri: str, table: pa.Table) -> None:
