@@ -8,7 +8,9 @@ everything else goes to the control plane's app.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +18,7 @@ from typing import Any
 
 import uvicorn
 
+from berth import dashboard
 from berth.access import oauth
 from berth.access.permissions import Caller
 from berth.errors import (
@@ -54,6 +57,7 @@ from berth.http import (
     read_body,
     send_response,
 )
+from berth.observability import tracing
 from berth.observability.inference import InferenceLog
 from berth.observability.metrics import Metrics
 from berth.payload import PayloadLimits, check_head
@@ -124,6 +128,9 @@ class Gateway:
         self.holding: dict[tuple[str, str], int] = {}  # requests waiting for a replica, by (endpoint, entity)
         self.admissions: dict[tuple[str, str], Admission] = {}  # in flight and queued, by (endpoint, entity)
         self.processes = processes  # the host's gateway processes: each admits its share of the concurrency
+        self.tracer = tracing.make_tracer("berth-gateway")  # None unless an OTLP endpoint is configured
+        self._id_prefix = os.urandom(12).hex().encode()  # request ids (tracing, inference tables)
+        self._ids = itertools.count()
         # This process's writer of inference-table rows (a thread starts with the first row).
         self.inference = InferenceLog(
             int(inference_buffer_mb * 2**20),
@@ -178,6 +185,12 @@ class Gateway:
         route = self.table.endpoints.get(name)
         entity = ""
         outcome: UpstreamResponse | BerthError
+        # An id and a span only for what needs them: with neither on, the request makes no object for them.
+        request_id = self._request_id(scope) if self.tracer is not None or (route and route.capture) else None
+        span = self._span(name, scope, request_id) if self.tracer is not None else None
+        extra = b""
+        if span is not None:
+            extra = b"traceparent: " + tracing.traceparent(span) + b"\r\nx-request-id: " + request_id + b"\r\n"
         if route is None:
             outcome = ResourceDoesNotExist(f"Endpoint '{name}' does not exist.")
             name = ""  # unknown names get no metric series of their own
@@ -192,7 +205,7 @@ class Gateway:
             else:
                 entity = choice.name
                 outcome = await self._forward(name, choice, body, header(scope, b"content-type") or b"", receive,
-                                              read_at + self.request_timeout_s)
+                                              read_at + self.request_timeout_s, extra)
         if isinstance(outcome, BerthError):
             status, payload, headers = error_body(outcome)
             headers.append(self.name_header)
@@ -200,21 +213,48 @@ class Gateway:
             status, payload = outcome.status, outcome.body
             headers = [(b"content-type", outcome.content_type), (b"served-model-name", entity.encode()),
                        self.name_header]
+        if request_id is not None:
+            headers.append((b"x-request-id", request_id))
         await send_response(send, status, payload, headers)
         self._record(name, entity, status, read_at, outcome)
+        if span is not None:
+            span.set_attribute("http.response.status_code", status)
+            if entity:
+                span.set_attribute("berth.served_entity", entity)
+            if status >= 500:
+                span.set_status(tracing.error())
+            span.end()
         if route is not None and route.capture:
-            self._capture(route, entity, body, status, payload, outcome, caller)
+            self._capture(route, entity, body, status, payload, outcome, caller, request_id)
+
+    def _request_id(self, scope: Scope) -> bytes:
+        """The client's `x-request-id` if it sent a sane one, else a new one: 32 hex digits, this
+        process's random prefix and a counter (unique without a call to the OS per request)."""
+        given = header(scope, b"x-request-id")
+        if given and len(given) <= 128 and given.isascii() and given.replace(b"-", b"").isalnum():
+            return given
+        return b"%s%08x" % (self._id_prefix, next(self._ids) & 0xFFFFFFFF)
+
+    def _span(self, name: str, scope: Scope, request_id: bytes | None) -> Any:
+        attributes = {"berth.endpoint": name, "berth.gateway": self.name,
+                      "berth.request_id": (request_id or b"").decode(), "http.request.method": "POST",
+                      "url.path": scope.get("path", "")}
+        return self.tracer.start_span("berth.gateway", context=tracing.parent(header(scope, b"traceparent")),  # type: ignore[union-attr]
+                                      kind=tracing.server_kind(), attributes=attributes)
 
     def _capture(self, route: EndpointRoute, entity: str, body: bytes, status: int, payload: bytes,
-                 outcome: object, caller: Caller) -> None:
+                 outcome: object, caller: Caller, request_id: bytes | None) -> None:
         """Log the request to the endpoint's inference table (a row queued for this process's writer)."""
-        uid = next((e.uid for e in route.entities if e.name == entity), None) if entity else None
+        uid = None
+        for e in route.entities:
+            if e.name == entity:
+                uid = e.uid
         executed = None
         if isinstance(outcome, UpstreamResponse):
             executed = round((outcome.received_at - outcome.sent_at) * 1e3)
         self.inference.record(route.name, route.capture, status=status, request=body, response=payload,
-                              entity_id=uid, requester=caller.name,
-                              execution_ms=executed, received=time.time())
+                              entity_id=uid, requester=caller.name, execution_ms=executed, received=time.time(),
+                              request_id=request_id.decode() if request_id else None)
 
     async def _limit(self, route: EndpointRoute, caller: Caller) -> RequestLimitExceeded | None:
         """Count the request in the endpoint's rate-limit windows; the refusal if one is full."""
@@ -235,7 +275,8 @@ class Gateway:
         )
 
     async def _forward(
-        self, name: str, choice: EntityRoute, body: bytes, content_type: bytes, receive: Receive, deadline: float
+        self, name: str, choice: EntityRoute, body: bytes, content_type: bytes, receive: Receive, deadline: float,
+        extra: bytes = b"",
     ) -> UpstreamResponse | BerthError:
         """Send the request to a ready replica of the entity, once admission lets it in (at most the
         entity's provisioned concurrency in flight, a bounded queue behind). With no ready replica
@@ -275,7 +316,7 @@ class Gateway:
                     if upstream is None:  # removed from the table while the body was read
                         raise UpstreamError("replica was removed", delivered=False)
                     sent = upstream.request(b"/invocations", body, content_type,
-                                            max(0.001, deadline - time.perf_counter()))
+                                            max(0.001, deadline - time.perf_counter()), extra)
                     if slot is not None and slot.in_flight > slot.capacity:
                         # It waits at the replica for a model call to end: a client that leaves cancels it there.
                         # Its time there is not one service time (the wait is in it): not observed.
@@ -423,6 +464,8 @@ class Gateway:
             upstream.close()
         self.upstreams.clear()
         self.inference.close()  # what is buffered goes to the tables: a clean shutdown loses no row
+        if self.tracer is not None:
+            tracing.flush()
 
 
 class RootApp:
@@ -459,6 +502,16 @@ class RootApp:
             return
         if path in OPEN_PATHS:  # OAuth discovery and the token endpoint: no token yet
             await self._control(scope, receive, send)
+            return
+        if (path == dashboard.PREFIX or path.startswith(dashboard.PREFIX + "/")) and scope["method"] == "GET":
+            # The page and its script: no token (the page asks for one and sends it with its API calls).
+            found = dashboard.asset(path)
+            if found is None:
+                await self._refuse(send, ResourceDoesNotExist(f"No such dashboard file: {path}"))
+                return
+            kind, data = found
+            await send_response(send, 200, data, [(b"content-type", kind), (b"cache-control", b"no-cache"),
+                                                  self.gateway.name_header])
             return
         try:
             caller = self.gateway.auth.authenticate(header(scope, b"authorization"))

@@ -176,9 +176,9 @@ class Upstream:
         return conn
 
     async def request(
-        self, path: bytes, body: bytes, content_type: bytes, timeout_s: float
+        self, path: bytes, body: bytes, content_type: bytes, timeout_s: float, extra: bytes = b""
     ) -> UpstreamResponse:
-        """POST `body` to `path` on a pooled connection.
+        """POST `body` to `path` on a pooled connection (`extra`: more header lines, each ending CRLF).
 
         Never retried here: once written, the request may be running in the replica, and a
         replica that dies mid-request must answer 503, not run it twice somewhere else. Only a
@@ -187,7 +187,7 @@ class Upstream:
         head = b"".join(
             (
                 b"POST ", path, b" HTTP/1.1\r\nHost: replica\r\nContent-Type: ",
-                content_type, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n",
+                content_type, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n", extra, b"\r\n",
             )
         )
         return await self._roundtrip(head + body, timeout_s, all_headers=False)

@@ -22,11 +22,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 import orjson
 
+from berth.observability import tracing
 from berth.replica.scoring import Scorer, ScoringResult
 
 JSON = b"application/json"
@@ -36,7 +37,7 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 Done = Callable[[ScoringResult], None]
 Alive = Callable[[], bool]  # False once the request's client (the gateway) has closed its connection
-Pending = tuple[bytes, str, Done, Alive | None]
+Pending = tuple[bytes, str, Done, Alive | None, Any]  # body, content type, done, alive, its span (None: untraced)
 # What a request whose client left before its model call gets instead of a prediction (written nowhere).
 CANCELLED = ScoringResult(499, b'{"error_code":"CANCELLED","message":"The client closed the connection"}',
                           "application/json")
@@ -61,6 +62,7 @@ class Batcher:
         self.call_s = float("inf")  # running estimate of one model call; unknown: the thread first
         self.service_s = 0.0  # summed over requests: time each spent being scored (not waiting)
         self.cancelled = 0  # requests dropped before their model call: their client had gone
+        self.tracer: Any = None  # set with the app's (berth.observability.tracing) when tracing is on
         self._pending: deque[Pending] = deque()
         self._busy = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -73,14 +75,15 @@ class Batcher:
     def inline(self) -> bool:
         return self.call_s < INLINE_CALL_S
 
-    def submit(self, body: bytes, content_type: str, done: Done, alive: Alive | None = None) -> None:
+    def submit(self, body: bytes, content_type: str, done: Done, alive: Alive | None = None,
+               span: Any = None) -> None:
         """Queue a request; `done(result)` runs on the event loop when it is scored (or with
         `CANCELLED`, without a model call, when `alive()` says its client left while it waited).
 
         An idle model starts at the end of this loop iteration, not at once: requests that
         arrived in the same read from the sockets go into one call instead of the first one alone.
         """
-        self._pending.append((body, content_type, done, alive))
+        self._pending.append((body, content_type, done, alive, span))
         if not self._busy:
             self._busy = True
             if self._loop is None:
@@ -107,6 +110,14 @@ class Batcher:
             future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._finish, batch, f))  # type: ignore[union-attr]
 
     def _run(self, batch: list[Pending]) -> list[ScoringResult]:
+        if self.tracer is not None:  # traced: the model call gets a span of its own
+            spans = [item[4] for item in batch if item[4] is not None]
+            if spans:
+                with tracing.model_span(self.tracer, spans, len(batch)):
+                    return self._run_untraced(batch)
+        return self._run_untraced(batch)
+
+    def _run_untraced(self, batch: list[Pending]) -> list[ScoringResult]:
         before = self.scorer.model_call_s
         started = time.perf_counter()
         try:
@@ -149,9 +160,13 @@ class ReplicaApp:
         self.batcher = Batcher(scorer, max_batch=max_concurrency, thread_setup=thread_setup)
         self.requests = 0
         self.in_flight = 0
+        self.tracer = tracing.make_tracer("berth-replica")  # None unless an OTLP endpoint is configured
+        self.batcher.tracer = self.tracer
 
     def close(self) -> None:
         self.batcher.executor.shutdown(wait=False, cancel_futures=True)
+        if self.tracer is not None:
+            tracing.flush()
 
     def stats(self) -> dict[str, object]:
         return {
@@ -187,19 +202,24 @@ class ReplicaApp:
         return 200, JSON, orjson.dumps({"max_concurrency": value})
 
     def handle(self, method: bytes, path: bytes, content_type: bytes, body: bytes,
-               answer: Callable[[int, bytes, bytes], None], alive: Alive | None = None) -> None:
+               answer: Callable[[int, bytes, bytes], None], alive: Alive | None = None,
+               trace: tuple[bytes, bytes] | None = None) -> None:
         """Answer one request through `answer(status, content_type, body)`, now or when scored;
-        `alive()`: whether its client still waits for the answer."""
+        `alive()`: whether its client still waits for the answer; `trace`: its `traceparent` and
+        `x-request-id` headers (the gateway sends them when tracing is on)."""
         if path == b"/invocations" and method == b"POST":
             self.in_flight += 1
+            span = tracing.replica_span(self.tracer, self.replica_id, *trace) if trace and self.tracer else None
 
             def done(result: ScoringResult) -> None:
                 self.in_flight -= 1
                 if result is not CANCELLED:
                     self.requests += 1
+                if span is not None:
+                    tracing.end(span, result.status)
                 answer(result.status, result.content_type.encode(), result.body)
 
-            self.batcher.submit(body, content_type.decode("latin-1"), done, alive)
+            self.batcher.submit(body, content_type.decode("latin-1"), done, alive, span)
         elif path in (b"/ping", b"/health") and method in (b"GET", b"HEAD"):
             answer(200, JSON, b"\n")
         elif path == b"/stats" and method == b"GET":
@@ -230,6 +250,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.slots: deque[_Slot] = deque()
         self._url = b""
+        self._trace: tuple[bytes, bytes] | None = None  # traceparent, x-request-id (tracing on)
         self._content_type = b""
         self._body: list[bytes] = []
         self._refused = False  # a malformed request came: nothing after it is read
@@ -263,13 +284,19 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._content_type = b""
         self._body = []
+        self._trace = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"content-type":
+        lower = name.lower()
+        if lower == b"content-type":
             self._content_type = value
+        elif lower == b"traceparent":
+            self._trace = (value, b"")
+        elif lower == b"x-request-id" and self._trace is not None:
+            self._trace = (self._trace[0], value)
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -286,7 +313,10 @@ class _Connection(asyncio.Protocol):
             slot.data = _response(status, content_type, payload, slot.keep_alive, head=method == b"HEAD")
             self._flush()
 
-        self.app.handle(method, path, self._content_type, body, answer, self.alive)
+        if self._trace is None:
+            self.app.handle(method, path, self._content_type, body, answer, self.alive)
+        else:
+            self.app.handle(method, path, self._content_type, body, answer, self.alive, self._trace)
 
     def alive(self) -> bool:
         return self.transport is not None
@@ -319,7 +349,8 @@ class App(Protocol):
     """What the server serves: `ReplicaApp`, or a stub in `bench/http_servers.py`."""
 
     def handle(self, method: bytes, path: bytes, content_type: bytes, body: bytes,
-               answer: Callable[[int, bytes, bytes], None], alive: Alive | None = None) -> None: ...
+               answer: Callable[[int, bytes, bytes], None], alive: Alive | None = None,
+               trace: tuple[bytes, bytes] | None = None) -> None: ...
 
     def close(self) -> None: ...
 
