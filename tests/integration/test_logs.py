@@ -20,7 +20,7 @@ def json_lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
-def test_json_logs_from_the_main_process_and_a_gateway_worker(tmp_path: Path) -> None:
+def test_json_logs_from_the_main_process_and_a_gateway_worker(tmp_path: Path, model_zoo) -> None:  # type: ignore[no-untyped-def]
     server = start_server(tmp_path, extra_env={"BERTH_LOG_FORMAT": "json", "BERTH_GATEWAY_WORKERS": "2"})
     try:
         worker_log = server.data_dir / "logs" / "gateway" / "gateway-1.log"
@@ -37,6 +37,20 @@ def test_json_logs_from_the_main_process_and_a_gateway_worker(tmp_path: Path) ->
         # Every line of the server's log is JSON (the CLI's own first-call instructions are on stdout, apart).
         for line in worker_log.read_text().splitlines():
             json.loads(line)
+
+        # The control plane's records carry what they are about as fields: a replica's start and
+        # readiness, and the config going live.
+        server.deploy("logged", model_zoo("sklearn_classifier"))
+        events = poll(lambda: {r["event"]: r for r in json_lines(server.log_path) if r.get("endpoint") == "logged"
+                               and "event" in r} if any(r.get("event") == "config_live"
+                                                       for r in json_lines(server.log_path)) else None,
+                      what="the control plane's records")
+        start, ready, live = events["replica_start"], events["replica_ready"], events["config_live"]
+        assert start["replica_id"] == ready["replica_id"]
+        assert start["entity"] == ready["entity"]
+        assert ready["start_s"] > 0
+        assert live["config_version"] == 1
+        assert (live["logger"], live["level"]) == ("berth.reconciler", "INFO")
     finally:
         server.stop()
 

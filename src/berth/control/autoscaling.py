@@ -230,7 +230,10 @@ class AutoscalingLoop:
             entity.at_zero, entity.target = False, decision.desired
         entity.concurrency = decision.concurrency
         log.info("endpoint %s entity %s: %d -> %d replica(s) x %d: %s", entity.endpoint_name, entity.spec.name,
-                 decision.previous, decision.desired, decision.concurrency, decision.reason)
+                 decision.previous, decision.desired, decision.concurrency, decision.reason,
+                 extra={"endpoint": entity.endpoint_name, "entity": entity.spec.name, "event": "scale",
+                        "previous": decision.previous, "desired": decision.desired,
+                        "concurrency": decision.concurrency, "reason": decision.reason})
         return True
 
     def _export(self, endpoint_name: str, entity: EntityRuntime, track: _Track, sample: Sample) -> None:
@@ -250,6 +253,11 @@ class AutoscalingLoop:
             m.model_calls.labels(*key).inc(calls)
             m.model_call_seconds.labels(*key).inc(seconds)
             m.model_call_requests.labels(*key).inc(requests)
+
+    def samples(self, entity: EntityRuntime) -> list[Sample]:
+        """All the entity's samples kept (the dashboard's replica and concurrency charts)."""
+        track = self._tracks.get(entity.uid)
+        return list(track.samples) if track is not None else []
 
     def window(self, entity: EntityRuntime) -> list[Sample]:
         """The entity's samples of the last (time-scaled) minute, for the endpoint metrics export."""

@@ -192,9 +192,13 @@ class Reconciler:
                 if ok:
                     replica.phase = ReplicaPhase.READY
                     replica.ready_at = time.monotonic()
+                    took = replica.ready_at - replica.started_at
                     if self.metrics is not None:
-                        self.metrics.replica_start.labels(entity.endpoint_name, entity.spec.name).observe(
-                            replica.ready_at - replica.started_at)
+                        self.metrics.replica_start.labels(entity.endpoint_name, entity.spec.name).observe(took)
+                    log.info("endpoint %s entity %s: replica %s ready in %.2f s", entity.endpoint_name,
+                             entity.spec.name, replica.handle.id, took,
+                             extra={**_fields(entity), "replica_id": replica.handle.id, "event": "replica_ready",
+                                    "start_s": round(took, 4)})
                     changed = True
                 elif now - replica.started_at > self.start_timeout_s:
                     entity.deployment = Deployment.FAILED
@@ -250,9 +254,13 @@ class Reconciler:
 
     def _on_exit(self, entity: EntityRuntime, replica: ReplicaState, exit_info: ReplicaExit, now: float) -> None:
         tail = exit_info.log_tail.strip()
+        fields = {**_fields(entity), "replica_id": replica.handle.id, "event": "replica_exit",
+                  "returncode": exit_info.returncode}
         if exit_info.model_load_failed:
             entity.deployment = Deployment.FAILED
             entity.message = f"Failed to load model {entity.spec.model_uri}. Last output:\n{tail}"
+            log.error("endpoint %s entity %s: failed to load model %s", entity.endpoint_name, entity.spec.name,
+                      entity.spec.model_uri, extra={**fields, "event": "model_load_failed"})
             return
         ran_for = None if replica.ready_at is None else now - replica.ready_at
         entity.crashes = self.crash_policy.consecutive(entity.crashes, ran_for)
@@ -262,6 +270,8 @@ class Reconciler:
                 f"Replica crashed {entity.crashes} times in a row; the last one "
                 f"{exit_info.describe()}. Last output:\n{tail}"
             )
+            log.error("endpoint %s entity %s: failed after %d crashes", entity.endpoint_name, entity.spec.name,
+                      entity.crashes, extra={**fields, "event": "entity_failed", "crashes": entity.crashes})
             return
         delay = self.crash_policy.delay(entity.crashes)
         entity.next_start_at = now + delay
@@ -270,7 +280,8 @@ class Reconciler:
             f"Replica {replica.handle.id} {exit_info.describe()} (crash {entity.crashes} of "
             f"{self.crash_policy.limit}); restarting in {delay:.1f} s."
         )
-        log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message)
+        log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message,
+                    extra={**fields, "crashes": entity.crashes, "restart_in_s": round(delay, 3)})
 
     def _replica_spec(self, entity: EntityRuntime) -> ReplicaSpec:
         return ReplicaSpec(
@@ -290,6 +301,9 @@ class Reconciler:
         entity.replicas[handle.id] = ReplicaState(handle, ReplicaPhase.STARTING, asked,
                                                   concurrency=spec.max_concurrency)
         entity.last_replica_id = handle.id
+        log.info("endpoint %s entity %s: starting replica %s", entity.endpoint_name, entity.spec.name, handle.id,
+                 extra={**_fields(entity), "replica_id": handle.id, "event": "replica_start", "pid": handle.pid,
+                        "concurrency": spec.max_concurrency})
         self.store.add_replica(
             ReplicaRecord(
                 id=handle.id,
@@ -308,6 +322,9 @@ class Reconciler:
         entities = list(pending.entities.values())
         if any(e.deployment is Deployment.FAILED for e in entities):
             endpoint.config_update = ConfigUpdate.UPDATE_FAILED
+            log.warning("endpoint %s: config version %d failed; the previous one keeps serving", endpoint.name,
+                        pending.version, extra={"endpoint": endpoint.name, "config_version": pending.version,
+                                                "event": "config_failed"})
             active_ids = {id(e) for e in (endpoint.active.entities.values() if endpoint.active else ())}
             self._retire([e for e in entities if id(e) not in active_ids], keep_state=True)
             if endpoint.active is None:  # a failed create: show the failure as the config
@@ -317,6 +334,8 @@ class Reconciler:
             old = endpoint.active
             endpoint.active, endpoint.pending = pending, None
             endpoint.config_update = ConfigUpdate.NOT_UPDATING
+            log.info("endpoint %s: config version %d is live", endpoint.name, pending.version,
+                     extra={"endpoint": endpoint.name, "config_version": pending.version, "event": "config_live"})
             if old is not None:
                 keep = {id(e) for e in pending.entities.values()}
                 self._retire([e for e in old.entities.values() if id(e) not in keep])
@@ -363,6 +382,11 @@ class Reconciler:
     # Routing
     def publish_routes(self) -> None:
         self.on_routes(build_routing_table(self.endpoints.values(), self.inference_root))
+
+
+def _fields(entity: EntityRuntime) -> dict[str, Any]:
+    """The structured fields of a log record about an entity (JSON logs carry them as keys)."""
+    return {"endpoint": entity.endpoint_name, "entity": entity.spec.name}
 
 
 def build_routing_table(endpoints: object, inference_root: str = "") -> RoutingTable:
