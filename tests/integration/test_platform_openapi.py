@@ -18,7 +18,7 @@ from berth.control.api_doc import OPERATIONS, platform_openapi, route_pairs
 DOC = "/api/2.0/openapi"
 # Answered by berth.gateway.app itself, before the control plane's app.
 GATEWAY = {("/serving-endpoints/{name}/invocations", "POST"), ("/ping", "GET"), ("/health", "GET"),
-           ("/metrics", "GET")}
+           ("/metrics", "GET"), ("/dashboard", "GET")}
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 
 
@@ -71,7 +71,7 @@ def test_every_operation_says_how_it_authenticates_and_fails() -> None:
     assert doc["security"] == [{"bearer": []}]
     bearer = doc["components"]["securitySchemes"]["bearer"]
     assert (bearer["type"], bearer["scheme"]) == ("http", "bearer")
-    open_paths = {"/ping", "/health", "/oidc/v1/token", "/oidc/.well-known/oauth-authorization-server",
+    open_paths = {"/ping", "/health", "/dashboard", "/oidc/v1/token", "/oidc/.well-known/oauth-authorization-server",
                   "/.well-known/databricks-config"}
     for path, item in doc["paths"].items():
         for method, op in item.items():

@@ -155,6 +155,10 @@ def build_control_app(service: EndpointService, access: AccessService, *,
         text = service.metrics(request.path_params["name"])
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def series(request: Request) -> Response:
+        allowed(request, Level.CAN_VIEW)
+        return json_response(service.series(request.path_params["name"]))
+
     async def decisions(request: Request) -> Response:
         allowed(request, Level.CAN_VIEW)
         q = request.query_params
@@ -256,6 +260,7 @@ def build_control_app(service: EndpointService, access: AccessService, *,
         Route(BASE + "/{name}/openapi", openapi, methods=["GET"]),
         Route(BASE + "/{name}/metrics", metrics, methods=["GET"]),
         Route(BASE + "/{name}/autoscaler/decisions", decisions, methods=["GET"]),
+        Route(BASE + "/{name}/series", series, methods=["GET"]),
         Route(DOC_PATH, platform_doc, methods=["GET"]),
         Route(SCIM + "/Me", me, methods=["GET"]),
         Route(SCIM + "/{kind:scim}", scim_create, methods=["POST"]),

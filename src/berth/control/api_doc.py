@@ -40,6 +40,7 @@ GATEWAY_ROUTES: tuple[tuple[str, str], ...] = (
     ("/ping", "GET"),
     ("/health", "GET"),
     ("/metrics", "GET"),
+    ("/dashboard", "GET"),
 )
 OPEN = ()  # `security: []`: answered without a token
 
@@ -453,6 +454,11 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     (BASE + "/{name}/autoscaler/decisions", "GET"): _op(
         "The autoscaler's newest decisions, oldest first", _ENDPOINTS, (200, "AutoscalerDecisions", "Decisions."),
         errors=(400, 403, 404), query=("served_entity_name", "limit"), description=_VIEW),
+    (BASE + "/{name}/series", "GET"): _op(
+        "The dashboard's per-second series of the endpoint", _ENDPOINTS,
+        (200, "object", "t, qps, errors_per_s, p50_ms, p99_ms; per served entity its replicas and concurrency; "
+                        "the autoscaler's newest decisions."),
+        errors=(403, 404), description=_VIEW),
     (BASE + "/{name}/ai-gateway", "PUT"): _op(
         "Set the endpoint's AI gateway config (rate limits, inference table)", _ENDPOINTS,
         (200, "AiGatewayConfig", "The config."),
@@ -525,6 +531,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("/metrics", "GET"): _op("The platform's metrics (Prometheus text)", _GATEWAY,
                              (200, "string", "Prometheus text format."), errors=(403,), ok_media="text/plain",
                              description=_ADMIN),
+    ("/dashboard", "GET"): _op("The dashboard (an HTML page; it asks for a token and keeps it in the browser "
+                               "session)", _GATEWAY, (200, "string", "The page."), ok_media="text/html",
+                               security=OPEN),
 }
 
 _PATH_PARAM = re.compile(r"\{(\w+)\}")

@@ -33,6 +33,7 @@ from berth.errors import InvalidParameterValue, ResourceConflict, ResourceDoesNo
 from berth.observability.export import RequestWindow, Totals, render_endpoint_metrics
 from berth.observability.inference import InferenceTableConfig, parse_inference_table
 from berth.observability.metrics import no_requests
+from berth.observability.series import request_series
 from berth.ratelimit.rules import RateLimit, parse_rate_limits
 from berth.runtimes import PYFUNC
 from berth.store import EndpointRecord, Store
@@ -206,6 +207,26 @@ class EndpointService:
             for e in entities:
                 requests.setdefault(e.spec.name, no_requests())
         return render_endpoint_metrics(name, [(e.spec.name, window(e)) for e in entities], requests)
+
+    def series(self, name: str) -> dict[str, Any]:
+        """The dashboard's data for one endpoint: per-second requests, errors and latency percentiles
+        (`request_series`), each active served entity's replicas and concurrency, and the autoscaler's
+        latest decisions."""
+        endpoint = self._endpoint(name)
+        out: dict[str, Any] = request_series(list(self.requests.history) if self.requests else [], name)
+        entities = list(endpoint.active.entities.values()) if endpoint.active is not None else []
+        out["entities"] = {}
+        for entity in entities:
+            samples = self.autoscaling.samples(entity) if self.autoscaling is not None else []
+            out["entities"][entity.spec.name] = {
+                "t": [round(s.t, 3) for s in samples],
+                "ready": [s.ready for s in samples],
+                "starting": [s.starting for s in samples],
+                "concurrency": [s.concurrency for s in samples],
+                "in_flight": [s.in_flight + s.queued for s in samples],
+            }
+        out["decisions"] = self.store.list_decisions(name, None, 20)
+        return out
 
     def logs(self, name: str, served_model_name: str, *, build: bool = False) -> dict[str, str]:
         """The output of the entity's most recent replica (build logs: its model-load part)."""

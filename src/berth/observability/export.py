@@ -29,6 +29,7 @@ from berth.autoscaler import Sample
 
 LABELS = ["endpoint_name", "served_entity_name"]
 WINDOW_S = 60.0  # Databricks' "last minute"
+HISTORY = 900  # snapshots kept for the dashboard's charts: 15 minutes at one a second
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,15 +108,21 @@ class RequestWindow:
     """Samples `totals()` every `period_s` into a `Trailing`; the I/O edge of the export's request series."""
 
     def __init__(self, totals: Callable[[], Mapping[Key, Totals]], *, window_s: float = WINDOW_S,
-                 period_s: float = 1.0) -> None:
+                 period_s: float = 1.0, history: int = HISTORY) -> None:
         self.totals = totals
         self.period_s = period_s
         self.trailing = Trailing(window_s)
+        self.history: deque[tuple[float, Mapping[Key, Totals]]] = deque(maxlen=history)  # (epoch s, totals)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.trailing.add(time.monotonic(), self.totals())
+        self._sample()
         self._task = asyncio.create_task(self._run(), name="berth-metrics-window")
+
+    def _sample(self) -> None:
+        totals = self.totals()
+        self.trailing.add(time.monotonic(), totals)
+        self.history.append((time.time(), totals))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -126,7 +133,7 @@ class RequestWindow:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.period_s)
-            self.trailing.add(time.monotonic(), self.totals())
+            self._sample()
 
     def last_window(self) -> dict[Key, Totals]:
         now = time.monotonic()
