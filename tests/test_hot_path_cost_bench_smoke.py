@@ -40,3 +40,22 @@ def test_hot_path_cost_benchmark_smoke(tmp_path: Path, redis_url: str) -> None:
         assert client.zcard(window_key) == runs[-1]["answered"], runs[-1]
     finally:
         client.close()
+
+
+@pytest.mark.slow
+def test_hot_path_cost_observability_smoke(tmp_path: Path) -> None:
+    """`--what observability --smoke`: the unmetered baseline and metrics + inference table each answer
+    every request 200, and the inference table holds exactly one row per request answered."""
+    json_out = tmp_path / "obs.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.hot_path_cost", "--smoke", "--what", "observability",
+                           "--json-out", str(json_out)], cwd=REPO, capture_output=True, text=True, timeout=400)
+    context = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, context
+    report = json.loads(json_out.read_text())
+    assert [r["variant"] for r in report["runs"]] == ["unmetered", "metrics + inference table"]
+    for run in report["runs"]:
+        assert set(run["statuses"]) == {"200"}, run
+        assert run["throughput_rps"] > 0, run
+    answered, rows = report["inference_rows"]["metrics + inference table"]
+    assert answered == rows > 0
+    assert "none lost" in proc.stdout

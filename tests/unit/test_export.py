@@ -118,3 +118,31 @@ def test_the_export_text_parses_with_databricks_names_and_types():
     assert value("request_latency_ms", "request_latency_ms_count", served_entity_name="b") == 0
     assert value("provisioned_concurrent_requests_total", "provisioned_concurrent_requests_total", **a) == 8
     assert value("cpu_usage_percentage", "cpu_usage_percentage", **a) == 50
+
+
+def test_quantile_interpolates_within_the_bucket_like_histogram_quantile():
+    from berth.observability.series import quantile
+
+    histo = Histo((0.01, 0.1, float("inf")), (10, 20, 20))
+    assert quantile(histo, 0.25) == 0.005  # 5 of the first 10, spread over [0, 10 ms]
+    assert abs(quantile(histo, 0.75) - 0.055) < 1e-12  # halfway through the second bucket
+    assert quantile(Histo((0.01, float("inf")), (0, 4)), 0.5) == 0.01  # in +Inf: its lower bound
+    assert quantile(Histo((0.01, float("inf")), (0, 0)), 0.5) is None
+
+
+def test_request_series_gives_each_second_of_an_endpoint_summed_over_its_entities():
+    from berth.observability.series import request_series
+
+    def snap(a: int, b: int, errors: int, fast: int) -> dict:  # type: ignore[type-arg]
+        # `fast` of entity a's requests took under 10 ms, the rest under 100 ms
+        return {("ep", "a"): Totals(a, errors, 0, Histo(BOUNDS, (fast, a, a))),
+                ("ep", "b"): Totals(b, 0, 0, Histo(BOUNDS, (0, 0, b))),
+                ("other", "x"): Totals(1000, 0, 0, Histo(BOUNDS, (1000, 1000, 1000)))}
+
+    series = request_series([(100.0, snap(0, 0, 0, 0)), (101.0, snap(10, 0, 2, 10)),
+                             (103.0, snap(30, 10, 2, 10))], "ep")
+    assert series["t"] == [101.0, 103.0]
+    assert series["qps"] == [10.0, 15.0]
+    assert series["errors_per_s"] == [2.0, 0.0]
+    assert series["p50_ms"][0] == 5.0
+    assert series["p99_ms"][1] == 100.0  # entity b's requests are all in +Inf (bound 100 ms)
