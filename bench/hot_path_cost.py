@@ -120,6 +120,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     throughput_rps: float = 0.0  # closed loop, `saturation_s`, the connections of the run
+    saturation_answered: int = 0  # requests that closed loop sent (all answered 200)
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -238,13 +239,14 @@ def measure(variant: Variant, rep: int, server: BerthServer, everyone: list[Bert
                load["latency_ms"]["p50"], load["latency_ms"]["p99"])
 
 
-def saturate(variant: Variant, server: BerthServer, everyone: list[BerthServer], cfg: Config, body: bytes) -> float:
-    """Throughput: a closed loop over the run's connections, with the other servers idle; req/s."""
+def saturate(variant: Variant, server: BerthServer, everyone: list[BerthServer], cfg: Config,
+             body: bytes) -> tuple[float, int]:
+    """Throughput: a closed loop over the run's connections, with the other servers idle; (req/s, answered)."""
     wait_idle([p for s in everyone for p in s.processes()])
     closed = closed_loop(server, ENDPOINT, body.decode(), duration_s=cfg.saturation_s, connections=cfg.connections)
     if set(closed["status_codes"]) != {"200"}:
         raise BenchError(f"{variant.name}: the closed loop got {closed['status_codes']}")
-    return float(closed["rps"])
+    return float(closed["rps"]), sum(closed["status_codes"].values())
 
 
 def run_benchmark(cfg: Config, workdir: Path) -> Report:
@@ -274,7 +276,7 @@ def run_benchmark(cfg: Config, workdir: Path) -> Report:
             shift = (rep - 1) % len(pairs)
             for variant, server in pairs[shift:] + pairs[:shift]:
                 run = next(r for r in report.of(variant.name) if r.rep == rep)
-                run.throughput_rps = saturate(variant, server, servers, cfg, body)
+                run.throughput_rps, run.saturation_answered = saturate(variant, server, servers, cfg, body)
                 log(f"rep {rep} {variant.name}: {run.throughput_rps:,.0f} req/s closed loop")
         answered = {v.name: sum(s.statuses(ENDPOINT).values()) for v, s in pairs if v.inference}
     finally:

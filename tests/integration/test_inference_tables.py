@@ -1,5 +1,5 @@
 """Inference tables against a real server: every request, errors included, becomes a row of a Delta
-table under the data directory (read back with deltalake and polars), from both gateway processes;
+table under the data directory (read back with deltalake), from both gateway processes;
 rows arrive while the server runs and the rest on a clean shutdown; a store that stalls costs rows
 (counted in a metric), never requests."""
 
@@ -10,10 +10,10 @@ import concurrent.futures
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import orjson
-import polars as pl
 import pytest
 from deltalake import DeltaTable
 
@@ -41,11 +41,12 @@ def send(server, name: str, bodies: list[object], clients: int = 8) -> list[tupl
         return [a for part in pool.map(client, parts) for a in part]
 
 
-def rows(server, endpoint: str) -> pl.DataFrame:  # type: ignore[no-untyped-def]
+def rows(server, endpoint: str) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """The endpoint's inference table, one dict a row (none before its first write)."""
     path = server.data_dir / "inference" / endpoint
     if not (path / "_delta_log").exists():
-        return pl.DataFrame()
-    return pl.from_arrow(DeltaTable(str(path)).to_pyarrow_table())  # type: ignore[return-value]
+        return []
+    return DeltaTable(str(path)).to_pyarrow_table().to_pylist()
 
 
 def test_every_request_is_a_row_from_both_gateway_processes_and_none_is_lost_at_shutdown(server_factory,
@@ -70,21 +71,22 @@ def test_every_request_is_a_row_from_both_gateway_processes_and_none_is_lost_at_
     answers = send(server, "logged", first)
     assert collections.Counter(s for s, _ in answers) == {200: 30, 400: 10}
     assert {g for _, g in answers} == {"0", "1"}  # both processes served (and so logged) some
-    poll(lambda: rows(server, "logged").height == 40, timeout=30, what="40 rows")
+    poll(lambda: len(rows(server, "logged")) == 40, timeout=30, what="40 rows")
     frame = rows(server, "logged")
-    assert sorted(frame["client_request_id"]) == sorted(b["client_request_id"] for b in first)
-    assert collections.Counter(frame["status_code"]) == {200: 30, 400: 10}
-    assert frame["databricks_request_id"].n_unique() == 40
-    (requester,) = set(frame["requester"])  # the admin token's user
+    assert sorted(r["client_request_id"] for r in frame) == sorted(b["client_request_id"] for b in first)
+    assert collections.Counter(r["status_code"] for r in frame) == {200: 30, 400: 10}
+    assert len({r["databricks_request_id"] for r in frame}) == 40
+    (requester,) = {r["requester"] for r in frame}  # the admin token's user
     assert requester
-    (entity_id,) = set(frame["served_entity_id"])
+    (entity_id,) = {r["served_entity_id"] for r in frame}
     assert len(entity_id) == 32
-    ok = frame.filter(pl.col("status_code") == 200).row(0, named=True)
+    ok = next(r for r in frame if r["status_code"] == 200)
     assert orjson.loads(ok["request"])["dataframe_split"]["columns"] == FEATURES
     assert "predictions" in orjson.loads(ok["response"])
     assert ok["execution_duration_ms"] >= 0
     assert ok["logging_error_codes"] == []
-    bad = frame.filter(pl.col("status_code") == 400).row(0, named=True)
+    assert ok["request_time"].date() == ok["request_date"]
+    bad = next(r for r in frame if r["status_code"] == 400)
     assert orjson.loads(bad["response"])["error_code"]  # the error answer, as the client got it
 
     # A body that is not JSON is logged too, with the replica parser's 400.
@@ -97,11 +99,11 @@ def test_every_request_is_a_row_from_both_gateway_processes_and_none_is_lost_at_
     assert metric_samples(server, "berth_inference_rows_dropped_total") in ([], [0.0])
     assert server.stop() == 0
     frame = rows(server, "logged")
-    assert frame.height == 40 + 1 + 60
-    (garbled,) = frame.filter(pl.col("request") == "not json").rows(named=True)
+    assert len(frame) == 40 + 1 + 60
+    (garbled,) = [r for r in frame if r["request"] == "not json"]
     assert garbled["status_code"] == 400
-    assert frame.filter(pl.col("client_request_id").str.starts_with("second-")).height == 60
-    assert rows(server, "legacy").height == 10
+    assert sum(1 for r in frame if (r["client_request_id"] or "").startswith("second-")) == 60
+    assert len(rows(server, "legacy")) == 10
 
 
 @pytest.fixture
