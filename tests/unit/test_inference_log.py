@@ -136,3 +136,15 @@ def test_the_config_is_validated():
                 {"catalog_name": "a.b", "schema_name": "c"}, {"catalog_name": "a", "schema_name": "b", "x": 1}):
         with pytest.raises(InvalidParameterValue):
             parse_inference_table(bad, "x")
+
+
+def test_a_payload_that_is_not_utf8_is_stored_with_replacement_characters(tmp_path: Path):
+    uri = str(tmp_path / "ep")
+    log = InferenceLog(1 << 20)
+    row(log, uri, 0, request=b"\xff\xfeinputs")
+    row(log, uri, 1)
+    assert log.close()
+    got = sorted(DeltaTable(uri).to_pyarrow_table().to_pylist(), key=lambda r: r["client_request_id"] or "")
+    assert got[0]["request"] == "\ufffd\ufffdinputs"
+    assert got[0]["client_request_id"] is None
+    assert got[1]["client_request_id"] == "c1"

@@ -9,7 +9,7 @@ root is `BERTH_INFERENCE_TABLES_URI` (a path or any URI deltalake writes: `s3://
 
 Each gateway process logs its own requests. `InferenceLog.record` is what the hot path pays: it
 appends a tuple to a list under a lock. A daemon thread takes the list every `FLUSH_S` (sooner when
-it holds `FLUSH_ROWS`) and appends it to the table with `deltalake` (concurrent appends from several
+it holds `FLUSH_ROWS`) and appends it to the table with `deltalake` as one commit (concurrent appends from several
 processes are Delta commits; delta-rs retries them). The buffer is bounded in bytes: past the bound
 a row is dropped and counted (`berth_inference_rows_dropped_total`), the request itself is never
 slowed; a failed write keeps its rows for the next try while they fit. `close()` writes what is left
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("berth.inference")
 
-FLUSH_S = 2.0  # rows reach the table within about this long
+FLUSH_S = 5.0  # rows reach the table within about this long (fewer, larger commits: cheaper, fewer files)
 FLUSH_ROWS = 5_000  # or sooner, once this many wait
 CLOSE_TIMEOUT_S = 5.0  # a clean shutdown waits this long for the last write to a stalled store
 # A request or response over this is not stored (NULL) and the row says so in `logging_error_codes`.
@@ -250,40 +250,47 @@ def _size(row: Row) -> int:
     return 200 + len(row[4] or b"") + len(row[5] or b"")
 
 
-def _payload(data: bytes | None, error: str, errors: list[str]) -> str | None:
-    if data is None or len(data) > MAX_PAYLOAD_BYTES:
-        errors.append(error)
-        return None
-    return data.decode("utf-8", "replace")
+def _texts(payloads: tuple[bytes | None, ...], error: str, errors: list[list[str]]) -> pa.Array:
+    """A string column of the payloads: NULL (and `error` in the row's codes) for one refused or too large."""
+    import pyarrow as pa
+
+    kept = [None if p is None or len(p) > MAX_PAYLOAD_BYTES else p for p in payloads]
+    for i, (payload, value) in enumerate(zip(payloads, kept, strict=True)):
+        if value is None and (payload is not None or error == "MAX_REQUEST_SIZE_EXCEEDED"):
+            errors[i].append(error)
+    column = pa.array(kept, pa.binary())
+    try:
+        return column.cast(pa.string())  # validates UTF-8 in C, for the whole batch
+    except pa.ArrowInvalid:  # some payload is not UTF-8: decode each, replacing what is not
+        return pa.array([None if v is None else v.decode("utf-8", "replace") for v in kept], pa.string())
 
 
 def to_table(rows: list[Row]) -> pa.Table:
     """The payload table's columns from the rows `InferenceLog.record` queued."""
     import pyarrow as pa
 
-    ids, clients, times, statuses, executed, requests, responses, entities, requesters, codes = (
-        [] for _ in range(10))
-    for request_id, received, status, execution_ms, request, response, entity_id, requester in rows:
-        errors: list[str] = []
-        body = _payload(request, "MAX_REQUEST_SIZE_EXCEEDED", errors)
-        text = None if response is None else _payload(response, "MAX_RESPONSE_SIZE_EXCEEDED", errors)
-        ids.append(request_id or uuid.uuid4().hex)
-        clients.append(client_request_id(request) if request is not None and body is not None else None)
-        times.append(round(received * 1e6))
-        statuses.append(status)
-        executed.append(execution_ms)
-        requests.append(body)
-        responses.append(text)
-        entities.append(entity_id)
-        requesters.append(requester)
-        codes.append(errors)
-    micros = pa.array(times, pa.int64())
-    days = pa.array([t // 86_400_000_000 for t in times], pa.int32())
-    columns = [ids, clients, days.cast(pa.date32()), micros.cast(pa.timestamp("us", tz="UTC")), statuses,
-               [1.0] * len(rows), executed, requests, responses, entities, requesters, codes]
-    fields = schema()
-    return pa.Table.from_arrays([c if isinstance(c, pa.Array) else pa.array(c, f.type)
-                                 for c, f in zip(columns, fields, strict=True)], schema=fields)
+    ids, received, statuses, executed, requests, responses, entities, requesters = zip(*rows, strict=True)
+    errors: list[list[str]] = [[] for _ in rows]
+    request_text = _texts(requests, "MAX_REQUEST_SIZE_EXCEEDED", errors)
+    response_text = _texts(responses, "MAX_RESPONSE_SIZE_EXCEEDED", errors)
+    micros = [round(t * 1e6) for t in received]
+    clients = [client_request_id(body) if body is not None and len(body) <= MAX_PAYLOAD_BYTES else None
+               for body in requests]
+    columns = [
+        pa.array([i or uuid.uuid4().hex for i in ids], pa.string()),
+        pa.array(clients, pa.string()),
+        pa.array([t // 86_400_000_000 for t in micros], pa.int32()).cast(pa.date32()),
+        pa.array(micros, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        pa.array(statuses, pa.int32()),
+        pa.array([1.0] * len(rows), pa.float64()),
+        pa.array(executed, pa.int64()),
+        request_text,
+        response_text,
+        pa.array(entities, pa.string()),
+        pa.array(requesters, pa.string()),
+        pa.array(errors, pa.list_(pa.string())),
+    ]
+    return pa.Table.from_arrays(columns, schema=schema())
 
 
 def _append(uri: str, table: pa.Table) -> None:
