@@ -146,3 +146,18 @@ def test_request_series_gives_each_second_of_an_endpoint_summed_over_its_entitie
     assert series["errors_per_s"] == [2.0, 0.0]
     assert series["p50_ms"][0] == 5.0
     assert series["p99_ms"][1] == 100.0  # entity b's requests are all in +Inf (bound 100 ms)
+
+
+def test_a_gone_entity_reads_zero_in_the_platform_metrics():
+    metrics = Metrics()
+    metrics.set_replicas("ep", "a", desired=2, ready=2, starting=0, concurrency=4)
+    metrics.in_flight.labels("ep", "a").set(3)
+    metrics.replica_memory.labels("ep", "a").set(2**30)
+    metrics.zero_entity("ep", "a")
+    text = metrics.render().decode()
+    values = {(s.name, s.labels.get("state")): s.value for f in text_string_to_metric_families(text)
+              for s in f.samples if s.labels.get("entity") == "a"}
+    assert values[("berth_in_flight_requests", None)] == 0
+    assert values[("berth_replica_memory_bytes", None)] == 0
+    assert values[("berth_replicas", "ready")] == 0
+    assert values[("berth_provisioned_concurrency", None)] == 0

@@ -54,6 +54,7 @@ class _Track:
     complete: bool = True  # every ready replica answered the last sample
     model: tuple[float, float, float] = (0, 0.0, 0)  # the last period's model calls, their seconds and requests
     rss: int = 0  # the largest resident memory of a ready replica at the last sample
+    key: tuple[str, str] = ("", "")  # (endpoint, entity): its gauges are zeroed when the track ends
 
 
 class AutoscalingLoop:
@@ -121,7 +122,8 @@ class AutoscalingLoop:
                 live.add(entity.uid)
                 track = self._tracks.get(entity.uid)
                 if track is None:
-                    track = self._tracks[entity.uid] = _Track(deque(), next_decision=now, last_saved=now)
+                    track = self._tracks[entity.uid] = _Track(deque(), next_decision=now, last_saved=now,
+                                                              key=(endpoint.name, entity.spec.name))
                     entity.scaler = self._policy(endpoint.name, entity)
                 sample = await self._sample(endpoint.name, entity, track, now)
                 track.samples.append(sample)
@@ -144,7 +146,10 @@ class AutoscalingLoop:
                     track.last_saved = now
                     self._save_profile(endpoint.name, entity)
         for uid in set(self._tracks) - live:
-            del self._tracks[uid]
+            gone = self._tracks.pop(uid)
+            if self.metrics is not None and not any(
+                    t.key == gone.key for t in self._tracks.values()):  # not replaced under the same names
+                self.metrics.zero_entity(*gone.key)
         replicas = {rid for ep in self._endpoints() for e in ep.entities() for rid in e.replicas}
         for rid in set(self._marks) - replicas:
             del self._marks[rid]

@@ -67,6 +67,9 @@ from berth.ratelimit.rules import windows
 
 log = logging.getLogger("berth.gateway")
 
+# The page holds a token: it is never framed, runs only its own files, and its types are not sniffed.
+_DASHBOARD_HEADERS = ((b"cache-control", b"no-cache"), (b"x-content-type-options", b"nosniff"),
+                      (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"))
 OPEN_PATHS = frozenset({oauth.METADATA_PATH, oauth.TOKEN_PATH, oauth.HOST_METADATA_PATH})  # OAuth discovery, token
 INVOCATIONS_PREFIX = "/serving-endpoints/"
 INVOCATIONS_SUFFIX = "/invocations"
@@ -225,14 +228,13 @@ class Gateway:
                 span.set_status(tracing.error())
             span.end()
         if route is not None and route.capture:
-            self._capture(route, entity, body, status, payload, outcome, caller, request_id)
+            received = time.time() - (time.perf_counter() - read_at)  # the wall time the request was read
+            self._capture(route, entity, body, status, payload, outcome, caller, request_id, received)
 
     def _request_id(self, scope: Scope) -> bytes:
-        """The client's `x-request-id` if it sent a sane one, else a new one: 32 hex digits, this
-        process's random prefix and a counter (unique without a call to the OS per request)."""
-        given = header(scope, b"x-request-id")
-        if given and len(given) <= 128 and given.isascii() and given.replace(b"-", b"").isalnum():
-            return given
+        """A new request id: 32 hex digits, this process's random prefix and a counter (unique
+        without a call to the OS per request). Always the platform's own, like Databricks'
+        `databricks_request_id`: the client's id is `client_request_id` in the body."""
         return b"%s%08x" % (self._id_prefix, next(self._ids) & 0xFFFFFFFF)
 
     def _span(self, name: str, scope: Scope, request_id: bytes | None) -> Any:
@@ -243,7 +245,7 @@ class Gateway:
                                       kind=tracing.server_kind(), attributes=attributes)
 
     def _capture(self, route: EndpointRoute, entity: str, body: bytes, status: int, payload: bytes,
-                 outcome: object, caller: Caller, request_id: bytes | None) -> None:
+                 outcome: object, caller: Caller, request_id: bytes | None, received: float) -> None:
         """Log the request to the endpoint's inference table (a row queued for this process's writer)."""
         uid = None
         for e in route.entities:
@@ -253,7 +255,7 @@ class Gateway:
         if isinstance(outcome, UpstreamResponse):
             executed = round((outcome.received_at - outcome.sent_at) * 1e3)
         self.inference.record(route.name, route.capture, status=status, request=body, response=payload,
-                              entity_id=uid, requester=caller.name, execution_ms=executed, received=time.time(),
+                              entity_id=uid, requester=caller.name, execution_ms=executed, received=received,
                               request_id=request_id.decode() if request_id else None)
 
     async def _limit(self, route: EndpointRoute, caller: Caller) -> RequestLimitExceeded | None:
@@ -503,14 +505,14 @@ class RootApp:
         if path in OPEN_PATHS:  # OAuth discovery and the token endpoint: no token yet
             await self._control(scope, receive, send)
             return
-        if (path == dashboard.PREFIX or path.startswith(dashboard.PREFIX + "/")) and scope["method"] == "GET":
+        if (path == dashboard.PREFIX or path.startswith(dashboard.PREFIX + "/")) and scope["method"] in ("GET", "HEAD"):
             # The page and its script: no token (the page asks for one and sends it with its API calls).
             found = dashboard.asset(path)
             if found is None:
                 await self._refuse(send, ResourceDoesNotExist(f"No such dashboard file: {path}"))
                 return
             kind, data = found
-            await send_response(send, 200, data, [(b"content-type", kind), (b"cache-control", b"no-cache"),
+            await send_response(send, 200, data, [(b"content-type", kind), *_DASHBOARD_HEADERS,
                                                   self.gateway.name_header])
             return
         try:

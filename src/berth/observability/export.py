@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,6 +27,8 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.utils import floatToGoString
 
 from berth.autoscaler import Sample
+
+log = logging.getLogger("berth.metrics")
 
 LABELS = ["endpoint_name", "served_entity_name"]
 WINDOW_S = 60.0  # Databricks' "last minute"
@@ -133,7 +136,10 @@ class RequestWindow:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.period_s)
-            self._sample()
+            try:
+                self._sample()
+            except Exception:  # one bad read must not end the export's window
+                log.exception("sampling the request series failed")
 
     def last_window(self) -> dict[Key, Totals]:
         now = time.monotonic()

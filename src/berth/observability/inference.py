@@ -36,6 +36,7 @@ log = logging.getLogger("berth.inference")
 
 FLUSH_S = 5.0  # rows reach the table within about this long (fewer, larger commits: cheaper, fewer files)
 FLUSH_ROWS = 5_000  # or sooner, once this many wait
+MAX_TRIES = 3  # writes of one batch before its rows are dropped (and counted)
 CLOSE_TIMEOUT_S = 5.0  # a clean shutdown waits this long for the last write to a stalled store
 # A request or response over this is not stored (NULL) and the row says so in `logging_error_codes`.
 MAX_PAYLOAD_BYTES = 1 << 20
@@ -64,6 +65,7 @@ def schema() -> pa.Schema:
 
 
 _FIELDS = ("catalog_name", "schema_name", "table_name_prefix")
+TOO_LARGE = b"\x00berth: response over the size limit"  # by identity: a response that was not kept
 
 
 @dataclass(frozen=True)
@@ -150,13 +152,18 @@ class InferenceLog:
         self._thread: threading.Thread | None = None
         self.written = 0
         self.dropped = 0
+        self._failures: dict[str, int] = {}  # table URI -> writes in a row that failed (the writer's own)
 
     def record(self, endpoint: str, uri: str, *, status: int, request: bytes | None, response: bytes | None,
                entity_id: str | None, requester: str | None, execution_ms: int | None,
                received: float, request_id: str | None = None) -> None:
         """Queue one request's row (what the hot path calls, after its answer is written). `request`
         None: the body was refused unread for its size. Only a tuple is made here: decoding, ids and
-        the columns are the writer thread's work."""
+        the columns are the writer thread's work. A payload over `MAX_PAYLOAD_BYTES` is not kept at all."""
+        if request is not None and len(request) > MAX_PAYLOAD_BYTES:
+            request = None
+        if response is not None and len(response) > MAX_PAYLOAD_BYTES:
+            response = TOO_LARGE
         row = (request_id, received, status, execution_ms, request, response, entity_id, requester)
         size = _size(row)
         with self._lock:
@@ -168,7 +175,7 @@ class InferenceLog:
                 self._rows.setdefault((endpoint, uri), []).append(row)
                 self._count += 1
                 self._bytes += size
-                if self._thread is None:
+                if self._thread is None or not self._thread.is_alive():  # the first row, or the writer died
                     self._thread = threading.Thread(target=self._run, name="berth-inference", daemon=True)
                     self._thread.start()
                 elif self._count >= FLUSH_ROWS:
@@ -199,14 +206,29 @@ class InferenceLog:
     def _flush(self, endpoint: str, uri: str, rows: list[Row]) -> None:
         try:
             self._write(uri, to_table(rows))
-        except Exception as exc:
-            log.warning("inference table %s: writing %d row(s) failed, will retry: %r", uri, len(rows), exc,
-                        extra={"endpoint": endpoint, "table": uri, "rows": len(rows)})
-            self._requeue(endpoint, uri, rows)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # deltalake's Rust panics arrive as BaseException: the writer lives on
+            failures = self._failures[uri] = self._failures.get(uri, 0) + 1
+            if failures >= MAX_TRIES:  # a table that keeps failing must not hold the buffer from the others
+                log.error("inference table %s: %d write(s) in a row failed; dropping %d row(s): %r", uri,
+                          failures, len(rows), exc, extra={"endpoint": endpoint, "table": uri, "rows": len(rows)})
+                self._failures[uri] = 0
+                self._drop(endpoint, len(rows))
+            else:
+                log.warning("inference table %s: writing %d row(s) failed, will retry: %r", uri, len(rows), exc,
+                            extra={"endpoint": endpoint, "table": uri, "rows": len(rows)})
+                self._requeue(endpoint, uri, rows)
             time.sleep(min(FLUSH_S, 1.0))
             return
+        self._failures[uri] = 0
         self.written += len(rows)
         self.on_written(endpoint, len(rows))
+
+    def _drop(self, endpoint: str, count: int) -> None:
+        with self._lock:
+            self.dropped += count
+        self.on_dropped(endpoint, count)
 
     def _requeue(self, endpoint: str, uri: str, rows: list[Row]) -> None:
         """Put a failed batch back in front, as far as the bound allows; the rest is dropped and counted.
@@ -224,10 +246,8 @@ class InferenceLog:
             if kept:
                 self._rows[(endpoint, uri)] = kept + self._rows.get((endpoint, uri), [])
             self._count += len(kept)
-            lost = len(rows) - len(kept)
-            self.dropped += lost
-        if lost:
-            self.on_dropped(endpoint, lost)
+        if len(rows) > len(kept):
+            self._drop(endpoint, len(rows) - len(kept))
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
         """Write what is buffered; False if the store did not take it within `timeout_s`."""
@@ -257,6 +277,9 @@ def _texts(payloads: tuple[bytes | None, ...], error: str, errors: list[list[str
     kept = [None if p is None or len(p) > MAX_PAYLOAD_BYTES else p for p in payloads]
     for i, (payload, value) in enumerate(zip(payloads, kept, strict=True)):
         if value is None and (payload is not None or error == "MAX_REQUEST_SIZE_EXCEEDED"):
+            errors[i].append(error)
+        elif payload is TOO_LARGE:
+            kept[i] = None
             errors[i].append(error)
     column = pa.array(kept, pa.binary())
     try:

@@ -173,6 +173,12 @@ class Metrics:
         self.replica_concurrency.labels(endpoint, entity).set(concurrency)
         self.provisioned.labels(endpoint, entity).set(ready * concurrency)
 
+    def zero_entity(self, endpoint: str, entity: str) -> None:
+        """A served entity that is gone: its levels read 0 (in multiprocess mode a series cannot be removed)."""
+        self.set_replicas(endpoint, entity, desired=0, ready=0, starting=0, concurrency=0)
+        for gauge in (self.in_flight, self.queued, self.replica_cpu, self.replica_memory):
+            gauge.labels(endpoint, entity).set(0)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

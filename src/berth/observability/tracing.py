@@ -11,8 +11,8 @@ Spans: `berth.gateway` (SERVER, in the gateway process that took the request; co
 `traceparent` the client sent), `berth.replica` (SERVER, in the replica, its child through the
 `traceparent` header the gateway adds), and `berth.model` (INTERNAL, one per model call, child of
 the first request's replica span and linked to the others' when a call scores a batch). Each
-carries `berth.request_id` (the `x-request-id` the client sent, or a new one; answered in the
-`x-request-id` header and, with an inference table, its `databricks_request_id`).
+carries `berth.request_id` (the platform's id of the request, answered in the `x-request-id`
+header and, with an inference table, its `databricks_request_id`).
 """
 
 from __future__ import annotations

@@ -94,14 +94,27 @@ function ensureCharts() {
 }
 
 function entityTotals(entities) {
-  // The entities are sampled in the same ticks: sum them on the first one's times.
-  const names = Object.keys(entities);
-  if (!names.length) return [[], [], [], []];
-  const first = entities[names[0]];
-  const t = first.t;
-  const sum = (field) => t.map((_, i) => names.reduce((s, n) => s + (entities[n][field][i] || 0), 0));
-  const most = (field) => t.map((_, i) => Math.max(...names.map((n) => entities[n][field][i] || 0)));
-  return [t, sum("ready"), most("concurrency"), sum("in_flight")];
+  // The entities are sampled in the same ticks (one time for all): sum them by time, so that an entity
+  // that joined later (a rollout) adds to the right points.
+  const byTime = new Map();
+  for (const e of Object.values(entities)) {
+    e.t.forEach((t, i) => {
+      const point = byTime.get(t) || { ready: 0, concurrency: 0, inFlight: 0 };
+      point.ready += e.ready[i] || 0;
+      point.concurrency = Math.max(point.concurrency, e.concurrency[i] || 0);
+      point.inFlight += e.in_flight[i] || 0;
+      byTime.set(t, point);
+    });
+  }
+  const t = [...byTime.keys()].sort((a, b) => a - b);
+  return [t, t.map((x) => byTime.get(x).ready), t.map((x) => byTime.get(x).concurrency),
+          t.map((x) => byTime.get(x).inFlight)];
+}
+
+function hashEndpoint() {
+  const found = location.hash.match(/endpoint=([^&]+)/);
+  if (!found) return null;
+  try { return decodeURIComponent(found[1]); } catch (e) { return null; }  // a malformed %-escape
 }
 
 function renderSeries(series) {
@@ -129,7 +142,8 @@ async function refresh() {
   if (list.status !== 200) return;
   const endpoints = list.body.endpoints || [];
   if (!state.selected && endpoints.length) {
-    state.selected = decodeURIComponent((location.hash.match(/endpoint=([^&]+)/) || [])[1] || endpoints[0].name);
+    const wanted = hashEndpoint();
+    state.selected = endpoints.some((ep) => ep.name === wanted) ? wanted : endpoints[0].name;
   }
   renderEndpoints(endpoints);
   const current = endpoints.find((ep) => ep.name === state.selected);
