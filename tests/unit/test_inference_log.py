@@ -56,11 +56,17 @@ def test_a_payload_over_the_limit_is_not_stored_and_the_row_says_why(tmp_path: P
     uri = str(tmp_path / "ep")
     log = InferenceLog(1 << 20)
     row(log, uri, 0, request=b'{"inputs": "' + b"x" * 200 + b'"}')
+    log.record("ep", uri, status=200, request=b"{}", response=b"y" * 200, entity_id=None, requester=None,
+               execution_ms=1, received=time.time())
+    log.record("ep", uri, status=204, request=b"[]", response=None, entity_id=None, requester=None,
+               execution_ms=1, received=time.time())
     assert log.close()
-    (got,) = DeltaTable(uri).to_pyarrow_table().to_pylist()
+    got, empty, big = sorted(DeltaTable(uri).to_pyarrow_table().to_pylist(), key=lambda r: r["request"] or "")
     assert got["request"] is None
     assert got["logging_error_codes"] == ["MAX_REQUEST_SIZE_EXCEEDED"]
     assert got["response"] == '{"predictions": [1]}'
+    assert (big["request"], big["response"], big["logging_error_codes"]) == ("{}", None, ["MAX_RESPONSE_SIZE_EXCEEDED"])
+    assert (empty["request"], empty["response"], empty["logging_error_codes"]) == ("[]", None, [])
 
 
 def test_a_stalled_writer_drops_and_counts_past_the_bound_and_never_blocks_the_caller(tmp_path: Path):

@@ -189,7 +189,7 @@ class Gateway:
         entity = ""
         outcome: UpstreamResponse | BerthError
         # An id and a span only for what needs them: with neither on, the request makes no object for them.
-        request_id = self._request_id(scope) if self.tracer is not None or (route and route.capture) else None
+        request_id = self._new_request_id() if self.tracer is not None or (route and route.capture) else None
         span = self._span(name, scope, request_id) if self.tracer is not None else None
         extra = b""
         if span is not None:
@@ -231,7 +231,7 @@ class Gateway:
             received = time.time() - (time.perf_counter() - read_at)  # the wall time the request was read
             self._capture(route, entity, body, status, payload, outcome, caller, request_id, received)
 
-    def _request_id(self, scope: Scope) -> bytes:
+    def _new_request_id(self) -> bytes:
         """A new request id: 32 hex digits, this process's random prefix and a counter (unique
         without a call to the OS per request). Always the platform's own, like Databricks'
         `databricks_request_id`: the client's id is `client_request_id` in the body."""

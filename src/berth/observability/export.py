@@ -53,6 +53,10 @@ class Histo:
         return Histo(self.bounds, tuple(max(0.0, a - b) for a, b in zip(self.counts, base.counts, strict=True)),
                      max(0.0, self.total - base.total))
 
+    def plus(self, other: Histo) -> Histo:
+        return Histo(self.bounds, tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)),
+                     self.total + other.total)
+
 
 @dataclass(frozen=True, slots=True)
 class Totals:

@@ -271,15 +271,14 @@ def _size(row: Row) -> int:
 
 
 def _texts(payloads: tuple[bytes | None, ...], error: str, errors: list[list[str]]) -> pa.Array:
-    """A string column of the payloads: NULL (and `error` in the row's codes) for one refused or too large."""
+    """A string column of the payloads: NULL, and `error` in the row's codes, for one not kept for its size
+    (a request: None; a response: `TOO_LARGE`; a response None is an answer without a body)."""
     import pyarrow as pa
 
-    kept = [None if p is None or len(p) > MAX_PAYLOAD_BYTES else p for p in payloads]
-    for i, (payload, value) in enumerate(zip(payloads, kept, strict=True)):
-        if value is None and (payload is not None or error == "MAX_REQUEST_SIZE_EXCEEDED"):
-            errors[i].append(error)
-        elif payload is TOO_LARGE:
-            kept[i] = None
+    too_large = None if error == "MAX_REQUEST_SIZE_EXCEEDED" else TOO_LARGE
+    kept = [None if p is None or p is TOO_LARGE else p for p in payloads]
+    for i, payload in enumerate(payloads):
+        if payload is too_large:
             errors[i].append(error)
     column = pa.array(kept, pa.binary())
     try:
@@ -297,8 +296,7 @@ def to_table(rows: list[Row]) -> pa.Table:
     request_text = _texts(requests, "MAX_REQUEST_SIZE_EXCEEDED", errors)
     response_text = _texts(responses, "MAX_RESPONSE_SIZE_EXCEEDED", errors)
     micros = [round(t * 1e6) for t in received]
-    clients = [client_request_id(body) if body is not None and len(body) <= MAX_PAYLOAD_BYTES else None
-               for body in requests]
+    clients = [client_request_id(body) if body is not None else None for body in requests]
     columns = [
         pa.array([i or uuid.uuid4().hex for i in ids], pa.string()),
         pa.array(clients, pa.string()),

@@ -43,9 +43,7 @@ def _endpoint_totals(snapshot: Mapping[Key, Totals], endpoint: str) -> Totals:
         client += totals.client_errors
         server += totals.server_errors
         if totals.latency is not None:
-            latency = totals.latency if latency is None else Histo(
-                latency.bounds, tuple(a + b for a, b in zip(latency.counts, totals.latency.counts, strict=True)),
-                latency.total + totals.latency.total)
+            latency = totals.latency if latency is None else latency.plus(totals.latency)
     return Totals(requests, client, server, latency)
 
 
