@@ -132,34 +132,31 @@ class Metrics:
         )
 
         # Read from the replicas by the main process's autoscaling loop, once a sampling period.
-        self.in_flight = Gauge(
-            "berth_in_flight_requests",
-            "Requests the served entity's replicas hold (being scored, or waiting for the model).",
-            ["endpoint", "entity"], registry=own, multiprocess_mode="max")
-        self.queued = Gauge(
-            "berth_queued_requests",
-            "Requests waiting for the model: in front of the replicas (gateway) and in their own queues.",
-            ["endpoint", "entity"], registry=own, multiprocess_mode="max")
-        self.replica_cpu = Gauge(
-            "berth_replica_cpu_ratio",
-            "Mean CPU use of the ready replicas over the last sampling period (1.0: one core each).",
-            ["endpoint", "entity"], registry=own, multiprocess_mode="max")
-        self.replica_memory = Gauge(
-            "berth_replica_memory_bytes",
-            "Largest resident memory among the served entity's ready replicas.",
-            ["endpoint", "entity"], registry=own, multiprocess_mode="max")
-        self.model_calls = Counter(
-            "berth_model_calls",
-            "Model calls (predict) made by the served entity's replicas; one call may score a batch.",
-            ["endpoint", "entity"], registry=own)
-        self.model_call_seconds = Counter(
-            "berth_model_call_seconds",
-            "Seconds the replicas spent in model calls (÷ berth_model_calls_total: mean execution time).",
-            ["endpoint", "entity"], registry=own)
-        self.model_call_requests = Counter(
-            "berth_model_call_requests",
-            "Requests scored by model calls (÷ berth_model_calls_total: mean batch size).",
-            ["endpoint", "entity"], registry=own)
+        def level(name: str, doc: str) -> Gauge:  # a level the main process sets ("max": its value)
+            return Gauge(name, doc, ["endpoint", "entity"], registry=own, multiprocess_mode="max")
+
+        def count(name: str, doc: str) -> Counter:
+            return Counter(name, doc, ["endpoint", "entity"], registry=own)
+
+        self.in_flight = level("berth_in_flight_requests",
+                               "Requests the served entity's replicas hold (being scored, or waiting for the model).")
+        self.queued = level("berth_queued_requests",
+                            "Requests waiting for the model: in front of the replicas (gateway) and in their own "
+                            "queues.")
+        self.replica_cpu = level("berth_replica_cpu_ratio",
+                                 "Mean CPU use of the ready replicas over the last sampling period (1.0: one core "
+                                 "each).")
+        self.replica_memory = level("berth_replica_memory_bytes",
+                                    "Largest resident memory among the served entity's ready replicas.")
+        self.model_calls = count("berth_model_calls",
+                                 "Model calls (predict) made by the served entity's replicas; one call may score "
+                                 "a batch.")
+        self.model_call_seconds = count("berth_model_call_seconds",
+                                        "Seconds the replicas spent in model calls (÷ berth_model_calls_total: mean "
+                                        "execution time).")
+        self.model_call_requests = count("berth_model_call_requests",
+                                         "Requests scored by model calls (÷ berth_model_calls_total: mean batch "
+                                         "size).")
         self.replica_start = Histogram(
             "berth_replica_start_seconds",
             "Replica starts (cold starts included) and how long each took to become ready: from the start "
