@@ -77,7 +77,7 @@ import sys, uvloop
 from berth.replica.server import ReplicaServer
 BODY = {body!r}
 class Stub:
-    def handle(self, method, path, content_type, body, answer, alive=None):
+    def handle(self, method, path, content_type, body, answer, alive=None, trace=None):
         answer(200, b"application/json", BODY)
     def close(self):
         pass

@@ -54,6 +54,7 @@ class _Track:
     complete: bool = True  # every ready replica answered the last sample
     model: tuple[float, float, float] = (0, 0.0, 0)  # the last period's model calls, their seconds and requests
     rss: int = 0  # the largest resident memory of a ready replica at the last sample
+    held_by_replicas: int = 0  # requests the ready replicas held at the last sample (scored or waiting)
     key: tuple[str, str] = ("", "")  # (endpoint, entity): its gauges are zeroed when the track ends
 
 
@@ -213,7 +214,7 @@ class AutoscalingLoop:
         rejected, track.rejected = max(0, refused - track.rejected), refused
         arrived = max(0, completed + round(in_front - track.in_front)) + rejected
         track.in_front = in_front
-        track.model, track.rss = (model[0], model[1], model[2]), rss_max
+        track.model, track.rss, track.held_by_replicas = (model[0], model[1], model[2]), rss_max, in_flight
         return Sample(
             t=now, in_flight=float(in_flight - waiting), queued=float(held + waiting), rejected=rejected,
             arrived=arrived,
@@ -248,7 +249,7 @@ class AutoscalingLoop:
         ready, starting = len(entity.ready_replicas), len(entity.starting_replicas)
         m.set_replicas(*key, desired=entity.desired_replicas, ready=ready, starting=starting,
                        concurrency=entity.concurrency)
-        m.in_flight.labels(*key).set(sample.in_flight + sample.queued - self.held(*key))
+        m.in_flight.labels(*key).set(track.held_by_replicas)
         m.queued.labels(*key).set(sample.queued)
         if sample.cpu is not None:
             m.replica_cpu.labels(*key).set(sample.cpu)

@@ -197,8 +197,7 @@ class EndpointService:
 
     def metrics(self, name: str) -> bytes:
         """The endpoint's metrics export (Prometheus text, Databricks' names, the last minute)."""
-        endpoint = self._endpoint(name)
-        entities = list(endpoint.active.entities.values()) if endpoint.active is not None else []
+        entities = _active_entities(self._endpoint(name))
         window = self.autoscaling.window if self.autoscaling is not None else (lambda _e: [])
         requests: dict[str, Totals] = {}
         if self.requests is not None:
@@ -212,9 +211,8 @@ class EndpointService:
         """The dashboard's data for one endpoint: per-second requests, errors and latency percentiles
         (`request_series`), each active served entity's replicas and concurrency, and the autoscaler's
         latest decisions."""
-        endpoint = self._endpoint(name)
+        entities = _active_entities(self._endpoint(name))
         out: dict[str, Any] = request_series(list(self.requests.history) if self.requests else [], name)
-        entities = list(endpoint.active.entities.values()) if endpoint.active is not None else []
         out["entities"] = {}
         for entity in entities:
             samples = self.autoscaling.samples(entity) if self.autoscaling is not None else []
@@ -329,6 +327,11 @@ class EndpointService:
                     ent.message = "Server restarted; starting replicas."
             setattr(endpoint, slot, cfg)
         return endpoint
+
+
+def _active_entities(endpoint: EndpointRuntime) -> list[EntityRuntime]:
+    """The served entities of the live config (none while the endpoint is being created)."""
+    return list(endpoint.active.entities.values()) if endpoint.active is not None else []
 
 
 def to_doc(endpoint: EndpointRuntime) -> dict[str, Any]:

@@ -313,10 +313,7 @@ class _Connection(asyncio.Protocol):
             slot.data = _response(status, content_type, payload, slot.keep_alive, head=method == b"HEAD")
             self._flush()
 
-        if self._trace is None:
-            self.app.handle(method, path, self._content_type, body, answer, self.alive)
-        else:
-            self.app.handle(method, path, self._content_type, body, answer, self.alive, self._trace)
+        self.app.handle(method, path, self._content_type, body, answer, self.alive, self._trace)
 
     def alive(self) -> bool:
         return self.transport is not None
