@@ -30,6 +30,7 @@ from berth.control.state import (
 from berth.gateway.routing import EndpointRoute, EntityRoute, EntityStatus, RoutingTable
 from berth.observability.inference import table_uri
 from berth.observability.metrics import Metrics
+from berth.runtimes.environment import check_model
 from berth.store import ReplicaRecord, Store
 
 log = logging.getLogger("berth.reconciler")
@@ -296,6 +297,8 @@ class Reconciler:
 
     async def _start_replica(self, entity: EntityRuntime) -> None:
         spec = self._replica_spec(entity)
+        if entity.environment_warning is None:
+            await self._check_environment(entity, spec.model_uri)
         asked = time.monotonic()
         handle = await self.backend.start(spec)
         entity.replicas[handle.id] = ReplicaState(handle, ReplicaPhase.STARTING, asked,
@@ -314,6 +317,20 @@ class Reconciler:
                 started_at=time.time(),
             )
         )
+
+    async def _check_environment(self, entity: EntityRuntime, model_uri: str) -> None:
+        """Once per entity, before its first replica: the model's requirements against Berth's own
+        environment (replicas run in it), for its state message and the platform's log."""
+        try:
+            report = await asyncio.to_thread(check_model, model_uri)
+        except Exception:  # a check that cannot run must not stop the entity from starting
+            log.exception("endpoint %s entity %s: environment check failed", entity.endpoint_name, entity.spec.name)
+            report = None
+        entity.environment_warning = report.warning() if report is not None else ""
+        if report is not None and entity.environment_warning:
+            log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name,
+                        entity.environment_warning,
+                        extra={**_fields(entity), "event": "environment_mismatch", "packages": report.packages()})
 
     def _advance_config(self, endpoint: EndpointRuntime) -> bool:
         pending = endpoint.pending

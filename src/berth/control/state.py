@@ -78,6 +78,9 @@ class EntityRuntime:
     concurrency: int = 0  # per-replica concurrency in force (0: the plan's)
     decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=200))
     scaler: Any = None  # its berth.autoscaler.Autoscaler, made by the autoscaling loop
+    # The model's requirements against Berth's environment (berth.runtimes.environment), checked
+    # when its first replica starts: None until then, "" when they match.
+    environment_warning: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency <= 0:
@@ -128,8 +131,16 @@ class EntityRuntime:
         out = (spec or self.spec).to_dict()
         out["creator"] = creator
         out["creation_timestamp"] = self.creation_timestamp
-        out["state"] = {"deployment": self.deployment.value, "deployment_state_message": self.message}
+        out["state"] = {"deployment": self.deployment.value, "deployment_state_message": self.state_message}
         return out
+
+    @property
+    def state_message(self) -> str:
+        """The state message as shown: the reconciler's, then any environment warning."""
+        if not self.environment_warning:
+            return self.message
+        sep = "\n" if "\n" in self.message else " "  # after a failure's output, on a line of its own
+        return f"{self.message}{sep}{self.environment_warning}"
 
 
 def _bounds(spec: ServedEntitySpec, plan: ReplicaPlan) -> Bounds:

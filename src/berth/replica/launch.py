@@ -159,6 +159,7 @@ def redirect_output(log_path: str) -> None:
 def load(model_uri: str, label: str) -> Scorer | None:
     """Load the model (printing what failed, for the build logs), warm it up, settle the heap."""
     print(f"berth {label}: loading {model_uri}", flush=True)
+    print_environment_check(model_uri, label)
     try:
         from berth.replica.scoring import Scorer
 
@@ -179,6 +180,24 @@ def load(model_uri: str, label: str) -> Scorer | None:
     # collector only looks at what requests allocate.
     gc.freeze()
     return scorer
+
+
+def print_environment_check(model_uri: str, label: str) -> None:
+    """The model's requirements against this environment, for the build logs; never fails the load."""
+    try:
+        from berth.runtimes.environment import check_model
+
+        report = check_model(model_uri)
+    except Exception as exc:
+        print(f"berth {label}: environment check failed: {type(exc).__name__}: {exc}", flush=True)
+        return
+    if report is None or not report.files:
+        return
+    for note in report.notes:
+        print(f"berth {label}: environment check: {note}")
+    verdict = report.warning() or (f"environment check: the {report.checked} requirement(s) of "
+                                   f"{' and '.join(report.files)} are met")
+    print(f"berth {label}: {verdict}", flush=True)
 
 
 def serve(scorer: Scorer, args: ReplicaArgs, note: str = "", threads: dict[str, str] | None = None) -> int:
