@@ -429,9 +429,15 @@ def _run(coro: Any) -> None:
     import uvloop
 
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that a clean exit.
+    from berth.store import StoreError
+
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(coro)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(coro)
+    except StoreError as exc:  # unreachable database, missing driver, unknown schema: one line, no traceback
+        err_console.print(f"berth: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
     sys.exit(0)
 
 

@@ -14,6 +14,8 @@ from databricks.sdk import WorkspaceClient
 
 from tests.conftest import ServerProcess
 
+pytestmark = pytest.mark.both_stores  # every server test here runs on SQLite and on PostgreSQL
+
 SCIM = "/api/2.0/preview/scim/v2"
 BODY = {"inputs": [[1.0, 2.0, 3.0]]}
 

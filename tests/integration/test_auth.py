@@ -17,8 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
+from berth.gateway.auth import hash_token
 from tests.conftest import ADMIN_TOKEN, REPO, SERVER_START_TIMEOUT_S, ServerProcess, start_server
+
+pytestmark = pytest.mark.both_stores  # every server test here runs on SQLite and on PostgreSQL
 
 BASE = "/api/2.0/serving-endpoints"
 # Every request goes out on a fresh client (no header, cookie or connection carried over), and httpx
@@ -159,20 +163,22 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def _start_keeping_credentials(base: Path, data_dir: Path) -> ServerProcess:
+def _start_keeping_credentials(base: Path, data_dir: Path, store_url: str | None) -> ServerProcess:
     """`start_server`, except the old credentials file stays for the server to find."""
     config_dir = base / "config"
     creds = config_dir / "credentials.json"
     before = creds.stat()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BERTH_")}
     env.update(BERTH_CONFIG_DIR=str(config_dir), PYTHONUNBUFFERED="1")
+    if store_url:
+        env["BERTH_STORE_URL"] = store_url
     log_path = base / f"server-{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "berth", "server", "--port", "0", "--data-dir", str(data_dir)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True,
         )
-    server = ServerProcess(proc, data_dir, config_dir, log_path)
+    server = ServerProcess(proc, data_dir, config_dir, log_path, store_url=store_url)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while True:  # rewritten (a new file, atomically) once the server listens
         try:
@@ -199,9 +205,23 @@ def servers() -> Iterator[list[ServerProcess]]:
         server.stop()
 
 
-def test_generated_admin_token_is_saved_privately_and_survives_restarts(tmp_path, servers):
+def _stored(server: ServerProcess) -> bytes:
+    """Everything the server's store holds: the SQLite files in its data dir, or every PostgreSQL row."""
+    if server.store_url is None:
+        return b"".join(p.read_bytes() for p in server.data_dir.glob("berth.db*"))
+    engine = sa.create_engine(server.store_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as conn:
+            tables = sa.inspect(conn).get_table_names()
+            return repr([conn.execute(sa.text(f'SELECT * FROM "{t}"')).all() for t in tables]).encode()
+    finally:
+        engine.dispose()
+
+
+def test_generated_admin_token_is_saved_privately_and_survives_restarts(tmp_path, servers, store_url_for):
     base, data_dir = tmp_path / "srv", tmp_path / "srv" / "data"
-    first = start_server(base, data_dir=data_dir, admin_token=None)
+    store_url = store_url_for(data_dir)
+    first = start_server(base, data_dir=data_dir, admin_token=None, store_url=store_url)
     servers.append(first)
     creds = first.config_dir / "credentials.json"
     token = first.token
@@ -215,13 +235,13 @@ def test_generated_admin_token_is_saved_privately_and_survives_restarts(tmp_path
 
     assert first.client.get(BASE).status_code == 200
     assert_unauthenticated(send(first, "GET", BASE, None, "Bearer berth_wrong"))
-    stored = b"".join(p.read_bytes() for p in data_dir.glob("berth.db*"))
-    assert stored, "the store lives in the data dir"
+    stored = _stored(first)
+    assert hash_token(token).encode() in stored, "the store (in the data dir, or PostgreSQL) holds its hash"
     assert token.encode() not in stored, "only a hash of the token is stored"
 
     # Restart with the credentials file in place: the same token, not shown again.
     first.stop()
-    second = _start_keeping_credentials(base, data_dir)
+    second = _start_keeping_credentials(base, data_dir, store_url)
     servers.append(second)
     assert second.token == token
     assert _mode(creds) == 0o600
@@ -232,7 +252,7 @@ def test_generated_admin_token_is_saved_privately_and_survives_restarts(tmp_path
 
     # Restart without the file (start_server removes it): a new token, and the old one still works.
     second.stop()
-    third = start_server(base, data_dir=data_dir, admin_token=None)
+    third = start_server(base, data_dir=data_dir, admin_token=None, store_url=store_url)
     servers.append(third)
     assert third.token != token
     assert third.client.get(BASE).status_code == 200

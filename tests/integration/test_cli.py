@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.both_stores  # every server test here runs on SQLite and on PostgreSQL
+
 FEATURES = [f"f{i}" for i in range(20)]
 ROWS = {"dataframe_split": {"columns": FEATURES, "data": [[0.1] * 20, [2.0] * 20]}}
 

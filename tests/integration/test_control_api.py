@@ -21,6 +21,8 @@ from berth.settings import host_cores
 from tests.conftest import ServerProcess
 from tests.integration.replica_tools import poll, replicas_named
 
+pytestmark = pytest.mark.both_stores  # every server test here runs on SQLite and on PostgreSQL
+
 X_BODY = {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}
 HEX32 = set("0123456789abcdef")
 

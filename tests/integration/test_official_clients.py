@@ -24,6 +24,8 @@ from databricks.sdk.service.serving import (
     ServingEndpointDetailedPermissionLevel,
 )
 
+pytestmark = pytest.mark.both_stores  # every server test here runs on SQLite and on PostgreSQL
+
 FEATURES = [f"f{i}" for i in range(20)]
 WAIT = timedelta(seconds=180)
 

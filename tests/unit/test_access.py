@@ -124,8 +124,8 @@ def test_authority_accepts_oauth_tokens_of_live_principals_only():
 
 
 @pytest.fixture
-def store(tmp_path):  # type: ignore[no-untyped-def]
-    s = Store(f"sqlite:///{tmp_path / 'berth.db'}")
+def store(store_url):  # type: ignore[no-untyped-def]
+    s = Store(store_url)  # SQLite and PostgreSQL (tests/conftest.py)
     yield s
     s.close()
 
@@ -160,7 +160,7 @@ def test_store_grants_replace_or_merge_and_go_with_the_endpoint(store):
 def test_legacy_admin_tokens_become_the_admin_users_and_the_signing_key_is_stable(store):
     with store.engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO tokens (token_hash, comment, is_admin, created_at) "
-                             "VALUES (:h, 'admin', 1, 1.0)"), {"h": hash_token("berth_old")})
+                             "VALUES (:h, 'admin', :admin, 1.0)"), {"h": hash_token("berth_old"), "admin": True})
     admin = store.access.ensure_admin()
     assert admin.admin
     assert store.access.ensure_admin().id == admin.id

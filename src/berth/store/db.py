@@ -15,7 +15,9 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from berth.errors import ResourceAlreadyExists, ResourceDoesNotExist
+from berth.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceDoesNotExist
+from berth.store.engine import create_engine, normalise_url
+from berth.store.migrate import upgrade
 
 metadata = sa.MetaData()
 
@@ -136,13 +138,21 @@ class Store:
     """All durable state. Methods are short synchronous transactions."""
 
     def __init__(self, url: str) -> None:
+        """Open the store at a SQLAlchemy URL (`postgresql://…` uses psycopg) and migrate its schema to the
+        newest revision; `StoreError` when that cannot be done."""
+        url = normalise_url(url)
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.url = url
-        self.engine = sa.create_engine(url, future=True)
+        self.engine = create_engine(url)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        sa.event.listen(self.engine, "before_cursor_execute", _refuse_nul)
+        try:
+            upgrade(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
         from berth.store.access import AccessStore
 
         self.access = AccessStore(self.engine)
@@ -184,8 +194,9 @@ class Store:
         return EndpointRecord(row.name, row.id, orjson.loads(row.doc))
 
     def list_endpoints(self) -> list[EndpointRecord]:
+        """By name in code-point order (as SQLite sorts; a PostgreSQL database's collation may not)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(endpoints.select().order_by(endpoints.c.name)).all()
+            rows = sorted(conn.execute(endpoints.select()).all(), key=lambda r: r.name)
         return [EndpointRecord(r.name, r.id, orjson.loads(r.doc)) for r in rows]
 
     def delete_endpoint(self, name: str) -> None:
@@ -262,6 +273,20 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(profiles.c.doc).where(key)).first()
         return orjson.loads(row.doc) if row is not None else None
+
+
+def _refuse_nul(_conn: Any, _cursor: Any, _statement: str, parameters: Any, *_: Any) -> None:
+    """PostgreSQL text cannot hold NUL characters: refuse them on both stores alike (a 400, not a 500 on one)."""
+    stack = [parameters]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise InvalidParameterValue("Names and text values must not contain NUL (\\u0000) characters.")
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
