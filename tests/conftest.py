@@ -205,7 +205,7 @@ class PostgresDatabases:
                     pass
             except sa.exc.DBAPIError as exc:
                 reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-                pytest.fail(f"PostgreSQL is not answering at {self.admin_url} ({reason}): the PostgreSQL half of "
+                pytest.fail(f"PostgreSQL at {self.admin_url} cannot be used ({reason}): the PostgreSQL half of "
                             "the suite cannot run. Run ./scripts/setup test to start it, or set "
                             "BERTH_TEST_POSTGRES_URL to a server where this user may create databases.",
                             pytrace=False)
