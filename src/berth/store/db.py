@@ -79,6 +79,24 @@ platform_keys = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+# Secret scopes and their secrets (`berth.store.secrets`): values only as Fernet tokens, never plaintext.
+secret_scopes = sa.Table(
+    "secret_scopes",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("owner", sa.String(32), nullable=True),  # the creating principal's id (None: admins only)
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+secret_values = sa.Table(
+    "secrets",
+    metadata,
+    sa.Column("scope", sa.String(128), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),  # a Fernet token (encrypted and authenticated)
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
 replicas = sa.Table(
     "replicas",
     metadata,
