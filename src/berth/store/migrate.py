@@ -8,6 +8,7 @@ transactional there), on SQLite inside a `BEGIN IMMEDIATE` transaction (the data
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Set
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from berth.store.engine import StoreError, safe_url
 VERSION_TABLE = "berth_alembic_version"
 BASELINE = "0001"
 SCRIPTS = Path(__file__).with_name("migrations")
+log = logging.getLogger("berth.store")
 LOCK_KEY = 0x6265727468  # "berth": the advisory lock every Berth server takes to migrate its database
 
 
@@ -96,6 +98,7 @@ def _lock(conn: sa.Connection) -> None:
 def _upgrade(conn: sa.Connection, scripts: Path) -> None:
     inspector = sa.inspect(conn)
     tables = set(inspector.get_table_names())
+    before = current(conn) if VERSION_TABLE in tables else None
     if VERSION_TABLE not in tables:
         baseline = baseline_tables(scripts)
         existing: dict[str, set[str]] = {
@@ -106,3 +109,9 @@ def _upgrade(conn: sa.Connection, scripts: Path) -> None:
                              f"({'; '.join(problems)}); use an empty database.")
         # Empty, or made before migrations: 0001 makes what is missing and keeps what is there.
     command.upgrade(alembic_config(conn, scripts), "head")
+    after = current(conn)
+    if after != before:
+        what = "an empty database" if not tables & set(baseline_tables(scripts)) else "the schema before migrations"
+        log.info("store %s migrated from %s to revision %s", safe_url(conn.engine.url),
+                 f"revision {before}" if before else what, after,
+                 extra={"event": "store_migrated", "from_revision": before, "to_revision": after})
