@@ -195,16 +195,20 @@ class PostgresDatabases:
         self.admin = sa.engine.make_url(normalise_url(admin_url))
         self.names: list[str] = []
         self._engine: sa.Engine | None = None
+        self._failure = ""  # why the server cannot be used (tried once)
 
     def _connect(self) -> sa.Engine:
         if self._engine is None:
             engine = sa.create_engine(self.admin, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool,
                                       connect_args={"connect_timeout": 5})
-            try:
-                with engine.connect():
-                    pass
-            except sa.exc.DBAPIError as exc:
-                reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            if not self._failure:
+                try:
+                    with engine.connect():
+                        pass
+                except sa.exc.DBAPIError as exc:
+                    self._failure = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            reason = self._failure
+            if reason:
                 pytest.fail(f"PostgreSQL at {self.admin_url} cannot be used ({reason}): the PostgreSQL half of "
                             "the suite cannot run. Run ./scripts/setup test to start it, or set "
                             "BERTH_TEST_POSTGRES_URL to a server where this user may create databases.",
