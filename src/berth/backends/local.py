@@ -152,6 +152,7 @@ class LocalBackend:
             template = self._templates.get(key)
             if template is None or template.state == "failed":
                 template = await self._start_template(spec, key)
+                self._retire_templates(spec.entity_uid, keep=key)
             handle = ReplicaHandle(id=replica_id, address=address)
             replica = _LocalReplica(handle, spec, socket_path, self.log_dir / f"{replica_id}.log", "fork")
             self._replicas[replica_id] = replica
@@ -238,10 +239,11 @@ class LocalBackend:
             os.unlink(replica.socket_path)
 
     async def release(self, spec: ReplicaSpec) -> None:
-        """The entity is gone: stop its template (its replicas are stopped separately)."""
-        template = self._templates.pop(_template_key(spec), None)
-        if template is not None:
-            await self._stop_template(template)
+        """The entity is gone: stop its templates (its replicas are stopped separately). Matched by the
+        entity's uid, as `spec` may not carry the environment its replicas started with (their secrets)."""
+        key = _template_key(spec)
+        gone = [k for k in self._templates if k == key or (spec.entity_uid and k[-1] == spec.entity_uid)]
+        await asyncio.gather(*(self._stop_template(self._templates.pop(k)) for k in gone))
 
     def logs(self, replica_id: str, max_lines: int = 200) -> str:
         return _tail(self.log_dir / f"{replica_id}.log", max_lines)
@@ -397,6 +399,11 @@ class LocalBackend:
                 del self._templates[template.key]
                 asyncio.get_running_loop().create_task(self._stop_template(template))
         await self._start_process(replica)
+
+    def _retire_templates(self, entity_uid: str, keep: tuple[Any, ...]) -> None:
+        """The entity's other templates (started before one of its secrets changed) fork no more."""
+        for k in [k for k in self._templates if entity_uid and k[-1] == entity_uid and k != keep]:
+            asyncio.get_running_loop().create_task(self._stop_template(self._templates.pop(k)))
 
     async def _stop_template(self, template: _Template) -> None:
         template.channel.close()  # a template exits when its channel closes
