@@ -71,7 +71,9 @@ def _example_body(model_dir: Path | None) -> str:
 
 @app.command()
 def serve(
-    model_uri: Annotated[str, typer.Argument(help="MLflow model directory or file:// URI.")],
+    model_uri: Annotated[str, typer.Argument(
+        help="MLflow model directory or file:// URI; or models:/name/version, models:/name@alias, runs:/… "
+             "through BERTH_MLFLOW_TRACKING_URI.")],
     name: Annotated[
         str | None, typer.Option("--name", help="Endpoint name (default: the model directory's name).")
     ] = None,
@@ -80,14 +82,24 @@ def serve(
     data_dir: DataDir = None,
 ) -> None:
     """Start the platform and serve one model from it: prints the URL, a token and a curl line."""
-    from berth.control.spec import sanitize_name
+    from berth.control.spec import default_entity_name, sanitize_name
     from berth.errors import BerthError
+    from berth.registry.sources import is_local
     from berth.server import run_platform
 
-    local = _local_model_dir(model_uri)
-    endpoint_name = name or sanitize_name(local.name)
+    if is_local(model_uri) or ":" not in model_uri:
+        model_dir = _local_model_dir(model_uri)
+        local: Path | None = model_dir
+        source, endpoint_name = str(model_dir), name or sanitize_name(model_dir.name)
+    else:  # models:/…, runs:/…, an artifact URI: resolved through BERTH_MLFLOW_TRACKING_URI
+        local, source = None, model_uri
+        try:
+            endpoint_name = name or default_entity_name(model_uri, None)
+        except BerthError as exc:
+            err_console.print(f"Cannot serve {model_uri}: {exc.message}", style="red", markup=False)
+            raise typer.Exit(2) from exc
     settings = _settings(host, port, data_dir)
-    entity = {"name": endpoint_name, "entity_name": str(local), "workload_size": "Small"}
+    entity = {"name": endpoint_name, "entity_name": source, "workload_size": "Small"}
 
     async def on_ready(platform: Any, url: str, token: Any) -> None:
         service = platform.service
@@ -95,19 +107,19 @@ def serve(
             try:
                 current = service.get(endpoint_name)
                 entities = current.get("config", {}).get("served_entities", [])
-                if [e.get("entity_name") for e in entities] != [str(local)]:
-                    service.update_config(endpoint_name, {"served_entities": [entity]})
+                if [e.get("entity_name") for e in entities] != [source]:
+                    await service.update_config(endpoint_name, {"served_entities": [entity]})
             except BerthError as exc:
                 if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                service.create({"name": endpoint_name, "config": {"served_entities": [entity]}}, creator="admin")
+                await service.create({"name": endpoint_name, "config": {"served_entities": [entity]}}, creator="admin")
         except BerthError as exc:
             err_console.print(f"Cannot serve {model_uri}: {exc.message}", style="red", markup=False)
             return
         invocations = f"{url}/serving-endpoints/{endpoint_name}/invocations"
         console.print(f"Berth is running at {url} (data in {settings.data_dir})", markup=False)
         _print_token(token)
-        console.print(f"Endpoint [bold]{endpoint_name}[/bold] serves {escape(str(local))}")
+        console.print(f"Endpoint [bold]{endpoint_name}[/bold] serves {escape(source)}")
         console.print("Query it with:")
         header = f"Authorization: Bearer {token.token}" if token.generated else "Authorization: Bearer $BERTH_TOKEN"
         console.print(
@@ -340,7 +352,9 @@ def _config_arg(model_uri: str | None, workload_size: str, config_json: str | No
         except ValueError as exc:
             err_console.print(f"--config is not valid JSON: {exc}", style="red", markup=False)
             raise typer.Exit(2) from exc
-    uri = model_uri if "://" in model_uri else str(Path(model_uri).expanduser().resolve())  # type: ignore[operator]
+    assert model_uri is not None
+    # A path (resolved here, on the client); anything with a scheme as given: file://, models:/, runs:/, s3://
+    uri = model_uri if ":" in model_uri else str(Path(model_uri).expanduser().resolve())
     return {"served_entities": [{"entity_name": uri, "workload_size": workload_size}]}
 
 

@@ -26,6 +26,7 @@ from berth.control.access import AccessService
 from berth.control.api import build_control_app
 from berth.control.autoscaling import AutoscalingLoop
 from berth.control.reconciler import CrashPolicy, Reconciler
+from berth.control.secrets import SecretService
 from berth.control.service import EndpointService
 from berth.gateway.app import Gateway, RootApp, uvicorn_config
 from berth.gateway.auth import AccessState, TokenAuthority, hash_token, new_token
@@ -36,8 +37,11 @@ from berth.observability.logs import configure_logging
 from berth.observability.metrics import Metrics
 from berth.payload import PayloadLimits
 from berth.ratelimit.shared import close_limiter, make_limiter
+from berth.registry.cache import ArtifactCache
+from berth.registry.resolver import Resolver
 from berth.settings import Settings
 from berth.store import Store
+from berth.store.secrets import SecretStore, load_cipher
 
 log = logging.getLogger("berth")
 
@@ -56,6 +60,9 @@ class Platform:
         self.payload_limits = PayloadLimits.from_settings(settings)  # what one request may carry
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.resolved_store_url)
+        secret_store = SecretStore(self.store.engine, load_cipher(settings.data_dir, settings.secrets_key))
+        secret_store.check_key()  # servers sharing a store must share its secrets key
+        self.secrets = SecretService(secret_store)
         self.backend = LocalBackend(
             settings.data_dir / "logs" / "replicas",
             fork=settings.replica_fork,
@@ -105,7 +112,14 @@ class Platform:
             drain_grace_s=max(30.0, settings.request_timeout_s),  # a request in flight may take that long
             metrics=self.metrics,
             inference_root=settings.resolved_inference_uri,
+            resolve_env=self.secrets.resolve,
         )
+        # Registry sources: pinned through the tracking server, fetched once into DATA_DIR/artifacts.
+        tracking_uri = settings.resolved_tracking_uri
+        self.artifacts = ArtifactCache(settings.data_dir / "artifacts",
+                                       max_bytes=int(settings.artifact_cache_mb * 2**20),
+                                       tracking_uri=tracking_uri, in_use=self.reconciler.artifacts_in_use)
+        self.reconciler.artifacts = self.artifacts
         scale = settings.autoscale_time_scale
         if scale <= 0:
             raise ValueError(f"BERTH_AUTOSCALE_TIME_SCALE must be > 0; got {scale:g}.")
@@ -121,14 +135,16 @@ class Platform:
             metrics=self.metrics,
         )
         self.service = EndpointService(self.store, self.reconciler, cores=settings.cores,
-                                       replica_concurrency=settings.replica_concurrency)
+                                       replica_concurrency=settings.replica_concurrency,
+                                       resolver=Resolver(tracking_uri))
         self.service.autoscaling = self.autoscaling
+        self.service.secrets = self.secrets
         # The export's "last minute" is time-scaled with the autoscaler (tests run it in seconds).
         self.requests_window = RequestWindow(self.metrics.totals, window_s=WINDOW_S * scale, period_s=scale)
         self.service.requests = self.requests_window
         self.app = RootApp(
             self.gateway,
-            build_control_app(self.service, self.access, payload_limits=self.payload_limits),
+            build_control_app(self.service, self.access, payload_limits=self.payload_limits, secrets=self.secrets),
             on_startup=self.start,
             on_shutdown=self.stop,
         )
@@ -170,6 +186,8 @@ class Platform:
             self.store.remove_replica(record.id)
         self.backend.activate()
         self.service.load()
+        # The bound may have shrunk since the last run.
+        await asyncio.to_thread(self.artifacts.evict, self.reconciler.artifacts_in_use())
         self.reconciler.start()
         self.autoscaling.start()
         self.requests_window.start()

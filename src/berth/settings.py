@@ -86,6 +86,13 @@ class Settings:
     # DATA_DIR/inference), and how much each gateway process buffers for them before it drops rows.
     inference_tables_uri: str | None = None
     inference_buffer_mb: float = 64.0
+    # Models from an MLflow registry (berth.registry): the tracking server that resolves `models:/…`, `runs:/…`
+    # and registered names (unset: MLFLOW_TRACKING_URI), and the artifact cache's bound (DATA_DIR/artifacts).
+    mlflow_tracking_uri: str | None = None
+    artifact_cache_mb: float = 20480.0
+    # Secrets (berth.store.secrets): the Fernet key(s) that encrypt them, comma-separated (the first encrypts);
+    # unset: DATA_DIR/secrets.key, made with mode 0600. Servers sharing a PostgreSQL store must share it.
+    secrets_key: str | None = field(default=None, repr=False)
 
     @property
     def gateway_processes(self) -> int:
@@ -115,6 +122,10 @@ class Settings:
     @property
     def resolved_inference_uri(self) -> str:
         return self.inference_tables_uri or str(self.data_dir / "inference")
+
+    @property
+    def resolved_tracking_uri(self) -> str | None:
+        return self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
     @property
     def resolved_store_url(self) -> str:

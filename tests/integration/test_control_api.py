@@ -280,8 +280,8 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("no-served-entities", _cfg({}), "served_entities"),
     ("empty-served-entities", _cfg({"served_entities": []}), "at least one"),
     ("entity-name-missing", _cfg({"served_entities": [{"workload_size": "Small"}]}), "entity_name"),
-    ("registered-model-name", _one(entity_name="churn_model"), "registry"),
-    ("uc-three-part-name", _one(entity_name="main.default.churn"), "registry"),
+    ("registered-model-name", _one(entity_name="churn_model"), "entity_version"),
+    ("uc-three-part-name", _one(entity_name="main.default.churn"), "entity_version"),
     ("bad-served-entity-name", _one(name="a.b"), "name"),
     ("workload-size-invalid", _one(workload_size="XL"), "workload_size"),
     ("size-and-min", _one(workload_size="Small", min_provisioned_concurrency=4), "mutually exclusive"),
@@ -354,9 +354,8 @@ def test_registry_sources_get_a_clear_message(shared_server: ServerProcess, uniq
         unique_name, {"served_entities": [{"entity_name": "churn", "entity_version": "2"}]}
     )
     message = assert_error(response, 400, "INVALID_PARAMETER_VALUE")["message"]
-    assert "'churn'" in message
-    assert "registry" in message
-    assert "not supported" in message
+    assert "models:/churn/2" in message
+    assert "BERTH_MLFLOW_TRACKING_URI" in message
 
 
 def test_malformed_and_non_object_bodies(shared_server: ServerProcess, live: tuple[str, str]) -> None:

@@ -6,15 +6,17 @@ how these tests count fetches.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from berth.registry.cache import ArtifactCache
@@ -124,22 +126,24 @@ def test_registry_errors_are_clear_and_write_nothing(berth: ServerProcess, track
         assert berth.api("GET", "/bad-source").status_code == 404
 
 
-def test_a_restart_serves_the_pinned_version_from_the_cache(tmp_path: Path, tracking: TrackingServer) -> None:
+@pytest.mark.both_stores
+def test_a_restart_serves_the_pinned_version_from_the_cache(server_factory: Callable[..., ServerProcess],
+                                                           tracking: TrackingServer) -> None:
     tracking.set_alias("const", "champion", "1")
-    server = start_server(tmp_path / "a", extra_env={"BERTH_MLFLOW_TRACKING_URI": tracking.url})
+    env = {"BERTH_MLFLOW_TRACKING_URI": tracking.url}
     try:
+        server = server_factory(extra_env=env)
         assert server.create("pinned", _entity(entity_name="models:/const@champion")).status_code == 200
         assert server.wait_not_updating("pinned")["state"]["ready"] == "READY"
         before = sum(tracking.downloads().values())
         server.stop()
         tracking.set_alias("const", "champion", "2")  # moved while the server was down
-        server = start_server(tmp_path / "a", data_dir=server.data_dir,
-                              extra_env={"BERTH_MLFLOW_TRACKING_URI": tracking.url})
-        server.wait_until("pinned", lambda view: view["state"]["ready"] == "READY")
+        server = server_factory(data_dir=server.data_dir, extra_env=env)
+        view = server.wait_until("pinned", lambda view: view["state"]["ready"] == "READY")
+        assert view["config"]["served_entities"][0]["entity_version"] == "1"
         assert _answer(server, "pinned") == 1  # a restart never re-resolves
         assert sum(tracking.downloads().values()) == before  # and fetches nothing
     finally:
-        server.stop()
         tracking.set_alias("const", "champion", "1")
 
 
@@ -257,3 +261,47 @@ def test_threads_of_one_process_share_one_fetch(tmp_path: Path, tracking: Tracki
     assert len(set(results)) == 1
     after = tracking.downloads()
     assert {f: after[f] - before[f] for f in files} == dict.fromkeys(files, 1)
+
+
+def test_berth_serve_takes_a_registry_uri(tmp_path: Path, tracking: TrackingServer) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BERTH_", "MLFLOW_"))}
+    env.update(BERTH_PORT="0", BERTH_DATA_DIR=str(tmp_path / "data"), BERTH_CONFIG_DIR=str(tmp_path / "config"),
+               BERTH_MLFLOW_TRACKING_URI=tracking.url, BERTH_WARM_POOL_MIN="0", PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "berth", "serve", "models:/const/2"], cwd=str(REPO), env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "is READY" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        creds = json.loads((tmp_path / "config" / "credentials.json").read_text())
+        response = httpx.post(f"{creds['host']}/serving-endpoints/const-2/invocations",
+                              json={"dataframe_records": [{"x": 1}, {"x": 2}]},
+                              headers={"Authorization": f"Bearer {creds['token']}"})
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"] == [2, 2]
+        assert "serves models:/const/2" in log_path.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_the_databricks_sdk_serves_a_registered_model_version(berth: ServerProcess, tracking: TrackingServer) -> None:
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput
+
+    ws = WorkspaceClient(host=berth.url, token=berth.token, auth_type="pat")
+    entity = ServedEntityInput(entity_name="const", entity_version="2", workload_size="Small",
+                               scale_to_zero_enabled=False)
+    created = ws.serving_endpoints.create_and_wait(
+        name="sdk-registry", config=EndpointCoreConfigInput(name="sdk-registry", served_entities=[entity]))
+    (served,) = created.config.served_entities
+    assert (served.name, served.entity_name, served.entity_version) == ("const-2", "const", "2")
+    assert ws.serving_endpoints.query("sdk-registry", dataframe_records=[{"x": 1}]).predictions == [2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,9 @@ from berth.control.reconciler import CrashPolicy, Reconciler
 from berth.control.service import EndpointService
 from berth.control.state import ConfigUpdate, Deployment, Ready
 from berth.gateway.routing import EntityStatus, RoutingTable
+from berth.registry.cache import ArtifactCache
+from berth.registry.resolver import Resolver
+from berth.registry.sources import PinnedModel
 from berth.store import Store
 
 
@@ -122,7 +126,7 @@ def test_create_becomes_ready_and_routes(world):
     service, reconciler, _backend, _clock, tables = world
 
     async def scenario():
-        view = service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        view = await service.create({"name": "ep", "config": one_entity()}, creator="admin")
         assert view["state"] == {"ready": "NOT_READY", "config_update": "IN_PROGRESS"}
         assert "config" not in view
         assert view["pending_config"]["config_version"] == 1
@@ -143,7 +147,7 @@ def test_crashes_back_off_then_fail_after_limit(world):
     service, reconciler, backend, clock, tables = world
 
     async def scenario():
-        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await service.create({"name": "ep", "config": one_entity()}, creator="admin")
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         ep = reconciler.endpoints["ep"]
@@ -178,7 +182,7 @@ def test_model_load_failure_fails_at_once_without_retry(world):
     backend.auto_ready = False
 
     async def scenario():
-        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await service.create({"name": "ep", "config": one_entity()}, creator="admin")
         await reconciler.reconcile_once()
         backend.exits["r0"] = ReplicaExit(EXIT_MODEL_LOAD_FAILED, "RuntimeError: bad weights")
         await reconciler.reconcile_once()
@@ -197,11 +201,11 @@ def test_update_is_blue_green_and_failed_update_keeps_old_serving(world):
     service, reconciler, backend, _clock, tables = world
 
     async def scenario():
-        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await service.create({"name": "ep", "config": one_entity()}, creator="admin")
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         backend.auto_ready = False
-        service.update_config("ep", one_entity("/models/b"))
+        await service.update_config("ep", one_entity("/models/b"))
         await reconciler.reconcile_once()  # new replica starting; old one still routed
         route = tables[-1].endpoints["ep"]
         assert route.entities[0].replicas[0][0] == "r0"
@@ -223,7 +227,7 @@ def test_unchanged_entity_keeps_its_replicas_across_update(world):
     service, reconciler, backend, _clock, _tables = world
 
     async def scenario():
-        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await service.create({"name": "ep", "config": one_entity()}, creator="admin")
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         two = {
@@ -236,7 +240,7 @@ def test_unchanged_entity_keeps_its_replicas_across_update(world):
                 {"served_model_name": "b", "traffic_percentage": 50},
             ]},
         }
-        service.update_config("ep", two)
+        await service.update_config("ep", two)
         for _ in range(3):
             await reconciler.reconcile_once()
         return service.get("ep")
@@ -252,7 +256,7 @@ def test_restart_restores_endpoints_from_the_store(world, tmp_path):
     service, reconciler, _backend, _clock, _tables = world
 
     async def scenario():
-        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await service.create({"name": "ep", "config": one_entity()}, creator="admin")
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
 
@@ -280,7 +284,7 @@ def test_idle_scale_to_zero_entity_goes_to_zero_and_a_demand_brings_it_back(worl
         await asyncio.gather(*reconciler._retiring)
 
     async def scenario():
-        service.create({"name": "ep", "config": napper}, creator="admin")
+        await service.create({"name": "ep", "config": napper}, creator="admin")
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         (rid,) = reconciler.endpoints["ep"].active.entities["a"].replicas
@@ -329,11 +333,11 @@ def test_lower_bounds_stop_the_newest_replicas_and_new_concurrency_reaches_the_o
                                    "max_provisioned_concurrency": 8}]}
 
     async def scenario():
-        service.create({"name": "ep", "config": wide}, creator="admin")
+        await service.create({"name": "ep", "config": wide}, creator="admin")
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         first = list(reconciler.endpoints["ep"].active.entities["a"].replicas)
-        service.update_config("ep", narrow)
+        await service.update_config("ep", narrow)
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         await asyncio.gather(*reconciler._retiring)
@@ -356,7 +360,7 @@ def test_autoscaling_loop_scales_on_demand_and_logs_each_decision(world):
                                    "max_provisioned_concurrency": 32}]}
 
     async def scenario():
-        service.create({"name": "ep", "config": config}, creator="admin")
+        await service.create({"name": "ep", "config": config}, creator="admin")
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         entity = reconciler.endpoints["ep"].active.entities["a"]
@@ -389,7 +393,7 @@ def test_the_learned_traffic_profile_survives_a_restart(world):
     service, reconciler, backend, clock, _tables = world
 
     async def scenario():
-        service.create({"name": "ep", "config": one_entity()}, creator="admin")
+        await service.create({"name": "ep", "config": one_entity()}, creator="admin")
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         entity = reconciler.endpoints["ep"].active.entities["a"]
@@ -424,19 +428,76 @@ def test_an_update_keeps_the_autoscaled_size_and_a_new_version_starts_as_big(wor
     v2 = {"served_entities": [{"entity_name": "/models/b", "name": "a", **bounds}]}
 
     async def scenario():
-        service.create({"name": "ep", "config": v1}, creator="admin")
+        await service.create({"name": "ep", "config": v1}, creator="admin")
         await reconciler.reconcile_once()
         await reconciler.reconcile_once()
         entity = reconciler.endpoints["ep"].active.entities["a"]
         entity.target = 2  # as the autoscaler would after a load step (2 replicas x 32 on 2 cores)
-        service.update_config("ep", v1)  # same entity, same bounds
+        await service.update_config("ep", v1)  # same entity, same bounds
         kept = (entity.target, entity.concurrency)
         for _ in range(3):
             await reconciler.reconcile_once()
-        service.update_config("ep", v2)  # a new model under the same name
+        await service.update_config("ep", v2)  # a new model under the same name
         pending = reconciler.endpoints["ep"].pending.entities["a"]
         return kept, pending.desired_replicas
 
     kept, new_size = run(scenario())
     assert kept == (2, 32)
     assert new_size == 2
+
+
+class PinningResolver(Resolver):
+    """Stands in for the tracking server (the real one is tests/integration/test_registry.py's)."""
+
+    def resolve(self, source):  # type: ignore[no-untyped-def]
+        return PinnedModel(f"mlflow-artifacts:/0/models/{source.name}-7/artifacts", "7", "run")
+
+
+class FlakyCache(ArtifactCache):
+    """A real cache whose download fails `failures` times, then writes a model locally."""
+
+    failures = 2
+
+    def _download(self, artifact_uri, dest):  # type: ignore[no-untyped-def]
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("tracking server unreachable")
+        (dest / "artifacts").mkdir(parents=True)
+        (dest / "artifacts" / "MLmodel").write_text("flavors: {}\n")
+
+
+def test_a_registry_source_is_fetched_before_replicas_start_and_a_failed_fetch_is_retried(world, tmp_path):
+    service, reconciler, backend, clock, _tables = world
+    service.resolver = PinningResolver("http://tracking")
+    reconciler.artifacts = FlakyCache(tmp_path / "artifacts", max_bytes=1 << 30, tracking_uri="http://tracking")
+
+    async def settle():  # the fetch runs in a thread: wait for it (the loop's clock is the test's), reconcile
+        if reconciler._fetches:
+            await asyncio.wait(list(reconciler._fetches.values()))
+        await reconciler.reconcile_once()
+
+    async def scenario():
+        view = await service.create({"name": "ep", "config": one_entity("models:/churn@champion")}, creator="admin")
+        assert view["pending_config"]["served_entities"][0]["entity_version"] == "7"
+        await reconciler.reconcile_once()
+        entity = reconciler.endpoints["ep"].pending.entities["a"]
+        assert entity.message.startswith("Fetching models:/churn@champion (version 7)")
+        messages = []
+        for _ in range(2):
+            await settle()
+            messages.append(entity.message)
+            assert not backend.started, "no replica before the model is here"
+            clock.t = entity.next_start_at
+            await reconciler.reconcile_once()
+        await settle()  # fetched
+        await reconciler.reconcile_once()  # starts the replica
+        await reconciler.reconcile_once()  # sees it ready
+        return entity, messages
+
+    entity, messages = run(scenario())
+    assert "failed (try 1 of 5): tracking server unreachable; retrying in 1.0 s" in messages[0]
+    assert "failed (try 2 of 5)" in messages[1]
+    assert entity.model_path is not None
+    assert (Path(entity.model_path) / "MLmodel").is_file()
+    assert [s.model_uri for s in backend.started] == [entity.model_path]
+    assert entity.deployment is Deployment.READY

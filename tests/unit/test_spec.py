@@ -171,8 +171,13 @@ BAD_CONFIGS: list[tuple[str, Any, str]] = [
     ("entity not an object", {"served_entities": ["x"]}, "object"),
     ("entity_name missing", {"served_entities": [{"workload_size": "Small"}]}, "entity_name"),
     ("entity_name blank", one(entity_name="  "), "entity_name"),
-    ("registered model name", one(entity_name="churn"), "not supported"),
-    ("UC three-part name", one(entity_name="main.default.churn"), "not supported"),
+    ("registered model name without a version", one(entity_name="churn"), "entity_version"),
+    ("UC three-part name without a version", one(entity_name="main.default.churn"), "entity_version"),
+    ("models:/ URI without a version", one(entity_name="models:/churn"), "names no version"),
+    ("models:/ URI and another version", one(entity_name="models:/churn/2", entity_version="3"), "contradicts"),
+    ("alias and a version", one(entity_name="models:/churn@champion", entity_version="3"), "omit entity_version"),
+    ("version not a number", one(entity_name="churn", entity_version="two"), "positive integer"),
+    ("runs:/ without a path", one(entity_name="runs:/abc"), "runs:/<run_id>"),
     ("bad entity name", one(name="has space"), "name"),
     ("entity name with newline", one(name="ok\n"), "name"),
     ("unknown workload_size", one(workload_size="Huge"), "workload_size"),
@@ -256,8 +261,32 @@ def test_invalid_configs_are_rejected(raw: Any, fragment: str) -> None:
 def test_registry_names_get_a_clear_message() -> None:
     message = invalid(one(entity_name="churn"))
     assert "'churn'" in message
-    assert "registry" in message
-    assert "not supported" in message
+    assert "registered model" in message
+    assert "models:/churn@<alias>" in message
+
+
+@pytest.mark.parametrize(
+    ("entity", "kind", "uri", "default_name"),
+    [
+        ({"entity_name": "churn", "entity_version": "3"}, "version", "models:/churn/3", "churn-3"),
+        ({"entity_name": "main.default.churn", "entity_version": 2}, "version", "models:/main.default.churn/2",
+         "main-default-churn-2"),
+        ({"entity_name": "models:/churn/07"}, "version", "models:/churn/7", "churn-7"),
+        ({"entity_name": "models:/churn/4", "entity_version": "4"}, "version", "models:/churn/4", "churn-4"),
+        ({"entity_name": "models:/churn@champion"}, "alias", "models:/churn@champion", "churn-champion"),
+        ({"entity_name": "models:/churn/latest"}, "latest", "models:/churn/latest", "churn-latest"),
+        ({"entity_name": "runs:/0a1b2c/model"}, "run", "runs:/0a1b2c/model", "model"),
+        ({"entity_name": "mlflow-artifacts:/0/models/m-1/artifacts"}, "uri", "mlflow-artifacts:/0/models/m-1/artifacts",
+         "artifacts"),
+        ({"entity_name": "/models/churn", "entity_version": "5"}, "local", "/models/churn", "churn-5"),
+    ],
+)
+def test_registry_sources_parse(entity: dict[str, Any], kind: str, uri: str, default_name: str) -> None:
+    (spec,) = parse_config({"served_entities": [entity]}).served_entities
+    assert spec.source.kind == kind
+    assert spec.model_uri == uri
+    assert spec.name == default_name
+    assert spec.pinned is None
 
 
 class TestRoutes:

@@ -23,6 +23,7 @@ from berth.access.permissions import Caller, Level
 from berth.control.access import AccessService
 from berth.control.api_doc import DOC_PATH, platform_openapi, route_pairs
 from berth.control.openapi import endpoint_openapi
+from berth.control.secrets import SecretService
 from berth.control.service import EndpointService
 from berth.errors import BerthError, InternalError, MalformedRequest, Unauthenticated
 from berth.http import error_body
@@ -31,6 +32,7 @@ from berth.payload import PayloadLimits, is_depth_error, too_deep, too_deep_erro
 BASE = "/api/2.0/serving-endpoints"
 SCIM = "/api/2.0/preview/scim/v2"
 PERMISSIONS = "/api/2.0/permissions/serving-endpoints/{endpoint_id}"
+SECRETS = "/api/2.0/secrets"
 OIDC_METADATA, OIDC_TOKEN = oauth.METADATA_PATH, oauth.TOKEN_PATH  # answered without a token
 
 
@@ -81,9 +83,9 @@ def caller_of(request: Request) -> Caller:
 
 
 def build_control_app(service: EndpointService, access: AccessService, *,
-                      payload_limits: PayloadLimits | None = None) -> Starlette:
-    """The control plane's ASGI app over an `EndpointService` and an `AccessService`; request bodies are held
-    to `payload_limits`' JSON depth (their size is the gateway's to check)."""
+                      payload_limits: PayloadLimits | None = None, secrets: SecretService | None = None) -> Starlette:
+    """The control plane's ASGI app over an `EndpointService`, an `AccessService` and a `SecretService`; request
+    bodies are held to `payload_limits`' JSON depth (their size is the gateway's to check)."""
 
     def allowed(request: Request, needed: Level) -> tuple[Caller, Level]:
         caller = caller_of(request)
@@ -91,7 +93,7 @@ def build_control_app(service: EndpointService, access: AccessService, *,
 
     async def create(request: Request) -> Response:
         caller = caller_of(request)
-        view = service.create(await _json_body(request), creator=caller.name, owner=caller.id)
+        view = await service.create(await _json_body(request), creator=caller.name, owner=caller.id, caller=caller)
         access.changed()  # the creator may query it
         return json_response({**view, "permission_level": Level.CAN_MANAGE.name})
 
@@ -109,9 +111,9 @@ def build_control_app(service: EndpointService, access: AccessService, *,
         return json_response({})
 
     async def update_config(request: Request) -> Response:
-        allowed(request, Level.CAN_MANAGE)
+        caller, _ = allowed(request, Level.CAN_MANAGE)
         body = await _json_body(request)
-        return json_response(service.update_config(request.path_params["name"], body))
+        return json_response(await service.update_config(request.path_params["name"], body, caller=caller))
 
     async def patch_tags(request: Request) -> Response:
         allowed(request, Level.CAN_MANAGE)
@@ -142,10 +144,7 @@ def build_control_app(service: EndpointService, access: AccessService, *,
         # The serving config's entities (the pending one's while the endpoint is being created).
         allowed(request, Level.CAN_VIEW)
         name = request.path_params["name"]
-        view = service.get(name)
-        config = view.get("config") or view.get("pending_config") or {}
-        pairs = [(e["name"], e["entity_name"]) for e in config.get("served_entities", [])]
-        doc = await run_in_threadpool(endpoint_openapi, name, pairs, str(request.base_url))
+        doc = await run_in_threadpool(endpoint_openapi, name, service.model_locations(name), str(request.base_url))
         accept = request.headers.get("accept", "")
         media = "application/json" if "application/json" in accept and "text/plain" not in accept else "text/plain"
         return Response(orjson.dumps(doc, option=orjson.OPT_INDENT_2), media_type=media)
@@ -232,6 +231,30 @@ def build_control_app(service: EndpointService, access: AccessService, *,
     async def permission_levels(request: Request) -> Response:
         return json_response(access.permission_levels(caller_of(request), request.path_params["endpoint_id"]))
 
+    # Secrets (berth.control.secrets): no route answers a value
+    def secret_store() -> SecretService:
+        if secrets is None:
+            raise InternalError("This server has no secret store.")
+        return secrets
+
+    async def secrets_scope_create(request: Request) -> Response:
+        return json_response(secret_store().create_scope(caller_of(request), await _json_body(request)))
+
+    async def secrets_scope_delete(request: Request) -> Response:
+        return json_response(secret_store().delete_scope(caller_of(request), await _json_body(request)))
+
+    async def secrets_scope_list(request: Request) -> Response:
+        return json_response(secret_store().list_scopes(caller_of(request)))
+
+    async def secrets_put(request: Request) -> Response:
+        return json_response(secret_store().put(caller_of(request), await _json_body(request)))
+
+    async def secrets_list(request: Request) -> Response:
+        return json_response(secret_store().list_secrets(caller_of(request), dict(request.query_params)))
+
+    async def secrets_delete(request: Request) -> Response:
+        return json_response(secret_store().delete(caller_of(request), await _json_body(request)))
+
     async def on_berth_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BerthError)
         return error_response(exc)
@@ -279,6 +302,12 @@ def build_control_app(service: EndpointService, access: AccessService, *,
         Route(PERMISSIONS, permissions_put, methods=["PUT"]),
         Route(PERMISSIONS, permissions_patch, methods=["PATCH"]),
         Route(PERMISSIONS + "/permissionLevels", permission_levels, methods=["GET"]),
+        Route(SECRETS + "/scopes/create", secrets_scope_create, methods=["POST"]),
+        Route(SECRETS + "/scopes/delete", secrets_scope_delete, methods=["POST"]),
+        Route(SECRETS + "/scopes/list", secrets_scope_list, methods=["GET"]),
+        Route(SECRETS + "/put", secrets_put, methods=["POST"]),
+        Route(SECRETS + "/list", secrets_list, methods=["GET"]),
+        Route(SECRETS + "/delete", secrets_delete, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

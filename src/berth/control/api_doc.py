@@ -18,6 +18,7 @@ from typing import Any
 from berth import __version__
 from berth.access import oauth
 from berth.access.permissions import DESCRIPTIONS, Level
+from berth.control.secrets import MAX_VALUE_BYTES
 from berth.control.spec import (
     CPU_WORKLOAD_TYPES,
     MAX_ENVIRONMENT_VARS,
@@ -33,6 +34,7 @@ DOC_PATH = "/api/2.0/openapi"
 BASE = "/api/2.0/serving-endpoints"
 SCIM = "/api/2.0/preview/scim/v2"
 PERMISSIONS = "/api/2.0/permissions/serving-endpoints/{endpoint_id}"
+SECRETS = "/api/2.0/secrets"
 INVOCATIONS = "/serving-endpoints/{name}/invocations"
 # Answered by the gateway itself (berth.gateway.app), not by the control plane's Starlette app.
 GATEWAY_ROUTES: tuple[tuple[str, str], ...] = (
@@ -48,6 +50,7 @@ _JSON = "application/json"
 _NAME_PATTERN = "^[A-Za-z0-9_-]{1,63}$"
 _ENV_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"
 _NON_BLANK = r"\S"
+_SECRET_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -90,12 +93,16 @@ _ENTITY_FIELDS: dict[str, Any] = {
         "maxProperties": MAX_ENVIRONMENT_VARS,
         "propertyNames": {"pattern": _ENV_NAME_PATTERN},
         "additionalProperties": _STRING,
+        "description": "A value may be a whole secret reference, {{secrets/<scope>/<key>}}: the secret must exist and "
+                       "the caller manage its scope; a replica sees its value, views keep the reference.",
     },
 }
 _MODEL_LOCATION = {
     "type": "string",
-    "pattern": r"[:/]|^\.",
-    "description": "A local MLflow model directory or a file:// URI (registered model names are not supported).",
+    "minLength": 1,
+    "description": "A registered model name (with entity_version), a models:/name/version, models:/name@alias, "
+                   "runs:/run_id/path or artifact URI resolved through the MLflow tracking server, or a local "
+                   "MLflow model directory or file:// URI.",
 }
 _ENDPOINT_STATE = _obj(
     {"ready": {"type": "string", "enum": ["READY", "NOT_READY"]},
@@ -331,6 +338,36 @@ SCHEMAS: dict[str, Any] = {
         ["permission_levels"],
         description="; ".join(f"{level.name}: {text}" for level, text in DESCRIPTIONS.items()),
     ),
+    "CreateScopeRequest": _obj(
+        {"scope": _SECRET_NAME,
+         "scope_backend_type": {"type": "string", "enum": ["DATABRICKS"], "default": "DATABRICKS"},
+         "initial_manage_principal": {"type": "string", "maxLength": 0,
+                                      "description": "Not supported: the creator and admins manage a scope."}},
+        ["scope"],
+    ),
+    "ScopeRequest": _obj({"scope": _SECRET_NAME}, ["scope"]),
+    "ListScopesResponse": _obj(
+        {"scopes": {"type": "array", "items": _obj({"name": _STRING, "backend_type": {"type": "string",
+                                                                                        "enum": ["DATABRICKS"]}},
+                                                   ["name", "backend_type"])}},
+        description="Every scope (names are not secret); no `scopes` when there are none.",
+    ),
+    "PutSecretRequest": _obj(
+        {"scope": _SECRET_NAME, "key": _SECRET_NAME,
+         "string_value": {"type": "string", "description": "Stored as UTF-8."},
+         "bytes_value": {"type": "string", "contentEncoding": "base64", "description": "Stored as these bytes."}},
+        ["scope", "key"],
+        oneOf=[{"required": ["string_value"]}, {"required": ["bytes_value"]}],
+        description=f"Exactly one of string_value or bytes_value, at most {MAX_VALUE_BYTES // 1024} KiB; "
+                    "overwrites the key's value. As an environment variable a value must be UTF-8 text.",
+    ),
+    "SecretRequest": _obj({"scope": _SECRET_NAME, "key": _SECRET_NAME}, ["scope", "key"]),
+    "ListSecretsResponse": _obj(
+        {"secrets": {"type": "array", "items": _obj({"key": _STRING, "last_updated_timestamp": _INT},
+                                                    ["key", "last_updated_timestamp"])}},
+        description="The scope's keys (never their values), milliseconds since the epoch; no `secrets` when "
+                    "there are none.",
+    ),
     "QueryInput": _obj(
         {"dataframe_split": {"type": "object"}, "dataframe_records": {"type": "array"},
          "instances": {"type": "array"}, "inputs": {}, "params": {"type": "object"}},
@@ -365,6 +402,8 @@ PARAMETERS: dict[str, dict[str, Any]] = {
                            "description": "Only this served entity's decisions.", "schema": _STRING},
     "limit": {"name": "limit", "in": "query", "required": False,
               "schema": {"type": "integer", "minimum": 1, "maximum": DECISIONS_KEPT, "default": 100}},
+    "scope": {"name": "scope", "in": "query", "required": True, "description": "A secret scope's name.",
+              "schema": _SECRET_NAME},
 }
 
 
@@ -416,6 +455,8 @@ _PERMS = "permissions"
 _GATEWAY = "gateway"
 _VIEW, _MANAGE = "Needs CAN_VIEW on the endpoint.", "Needs CAN_MANAGE on the endpoint."
 _ADMIN = "Admins only."
+_SECRETS = "secrets"
+_SCOPE_MANAGER = "Needs MANAGE on the scope: its creator's, and every admin's."
 
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     (DOC_PATH, "GET"): _op("This document: the platform's whole API", "platform",
@@ -526,6 +567,22 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         description="Needs CAN_QUERY. Answered by a replica of a served entity chosen by the traffic split "
                     "(the served-model-name header names it); a request waits for a replica of an entity at "
                     "zero or starting. Also takes text/csv and application/x-parquet bodies."),
+    (SECRETS + "/scopes/create", "POST"): _op(
+        "Create a secret scope", _SECRETS, (200, "Empty", "Created."), body="CreateScopeRequest", errors=(409,),
+        description="The caller manages it (and every admin)."),
+    (SECRETS + "/scopes/delete", "POST"): _op("Delete a secret scope and its secrets", _SECRETS,
+                                              (200, "Empty", "Deleted."), body="ScopeRequest", errors=(403, 404),
+                                              description=_SCOPE_MANAGER),
+    (SECRETS + "/scopes/list", "GET"): _op("List the secret scopes", _SECRETS,
+                                           (200, "ListScopesResponse", "The scopes.")),
+    (SECRETS + "/put", "POST"): _op(
+        "Put a secret", _SECRETS, (200, "Empty", "Stored (encrypted)."), body="PutSecretRequest", errors=(403, 404),
+        description=_SCOPE_MANAGER + " A served entity's environment_vars name it as {{secrets/<scope>/<key>}}; "
+                                     "no API answers its value."),
+    (SECRETS + "/list", "GET"): _op("List a scope's secret keys", _SECRETS, (200, "ListSecretsResponse", "The keys."),
+                                    errors=(400, 403, 404), query=("scope",), description=_SCOPE_MANAGER),
+    (SECRETS + "/delete", "POST"): _op("Delete a secret", _SECRETS, (200, "Empty", "Deleted."),
+                                       body="SecretRequest", errors=(403, 404), description=_SCOPE_MANAGER),
     ("/ping", "GET"): _op("Liveness", _GATEWAY, (200, None, "The gateway answers."), security=OPEN),
     ("/health", "GET"): _op("Liveness", _GATEWAY, (200, None, "The gateway answers."), security=OPEN),
     ("/metrics", "GET"): _op("The platform's metrics (Prometheus text)", _GATEWAY,

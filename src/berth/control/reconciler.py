@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from berth.backends.base import Backend, ReplicaExit, ReplicaSpec
+from berth.control.secrets import SecretUnavailable
 from berth.control.state import (
     ConfigRuntime,
     ConfigUpdate,
@@ -30,6 +33,7 @@ from berth.control.state import (
 from berth.gateway.routing import EndpointRoute, EntityRoute, EntityStatus, RoutingTable
 from berth.observability.inference import table_uri
 from berth.observability.metrics import Metrics
+from berth.registry.cache import ArtifactCache
 from berth.runtimes.environment import check_model
 from berth.store import ReplicaRecord, Store
 
@@ -78,8 +82,14 @@ class Reconciler:
         drain_grace_s: float = 30.0,
         metrics: Metrics | None = None,
         inference_root: str = "",
+        artifacts: ArtifactCache | None = None,
+        resolve_env: Callable[[dict[str, str]], dict[str, str]] | None = None,
     ) -> None:
         self.backend = backend
+        # A replica's environment_vars with `{{secrets/…}}` resolved (berth.control.secrets), at its start only.
+        self.resolve_env = resolve_env or dict
+        self.artifacts = artifacts  # remote sources' local copies (berth.registry.cache)
+        self._fetches: dict[str, asyncio.Future[Path]] = {}
         self.inference_root = inference_root  # inference tables live under it (berth.observability.inference)
         self.metrics = metrics  # replica start times (berth_replica_start_seconds)
         self.store = store
@@ -213,10 +223,13 @@ class Reconciler:
         if entity.at_zero and not entity.spec.scale_to_zero_enabled:  # turned off while at zero
             entity.at_zero = False
             changed = True
+        if not entity.fetched:
+            return self._fetch(entity, now) or changed
         missing = entity.desired_replicas - len(entity.replicas)
         if missing > 0 and now >= entity.next_start_at and not entity.retired:
             for _ in range(missing):
-                await self._start_replica(entity)
+                if not await self._start_replica(entity, now):
+                    break
             changed = True
         elif missing < 0:
             self._scale_down(entity, -missing)
@@ -231,6 +244,56 @@ class Reconciler:
                 entity.ever_ready = True
                 changed = True
         return changed
+
+    def _fetch(self, entity: EntityRuntime, now: float) -> bool:
+        """Bring a remote source into the artifact cache (in a thread; entities of one source share the
+        fetch); a failed fetch is retried under the crash policy, then fails the entity."""
+        pinned = entity.spec.pinned
+        assert pinned is not None
+        if self.artifacts is None:
+            entity.deployment, entity.message = Deployment.FAILED, "This server has no artifact cache."
+            return True
+        task = self._fetches.get(pinned.artifact_uri)
+        if task is None:
+            if now < entity.next_start_at:
+                return False
+            task = _in_daemon_thread(self.artifacts.fetch, pinned.artifact_uri, evict=False)
+            task.add_done_callback(lambda _t: self.wake())
+            self._fetches[pinned.artifact_uri] = task
+        if not task.done():
+            message = f"Fetching {_described(entity)} from the MLflow tracking server."
+            changed = entity.message != message
+            entity.message = message
+            return changed
+        if self._fetches.get(pinned.artifact_uri) is task:
+            del self._fetches[pinned.artifact_uri]
+        error = task.exception()
+        if error is None:
+            entity.model_path = str(task.result())
+            entity.crashes = 0
+            # Trim the cache to its bound, sparing what every entity uses (taken here, on the loop).
+            _in_daemon_thread(self.artifacts.evict, self.artifacts_in_use()).add_done_callback(_log_failure)
+            entity.message = f"Fetched {_described(entity)}; starting replicas."
+            return True
+        entity.crashes += 1
+        fields = {**_fields(entity), "event": "artifact_fetch_failed", "artifact_uri": pinned.artifact_uri}
+        if entity.crashes >= self.crash_policy.limit:
+            entity.deployment = Deployment.FAILED
+            entity.message = f"Failed to fetch {_described(entity)}: {error}"
+            log.error("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message,
+                      extra=fields)
+            return True
+        delay = self.crash_policy.delay(entity.crashes)
+        entity.next_start_at = now + delay
+        entity.message = (f"Fetching {_described(entity)} failed (try {entity.crashes} of {self.crash_policy.limit}):"
+                          f" {error}; retrying in {delay:.1f} s.")
+        log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message, extra=fields)
+        return True
+
+    def artifacts_in_use(self) -> set[str]:
+        """The pinned artifact URIs of every served entity, live or pending (never evicted)."""
+        return {ent.spec.pinned.artifact_uri for ep in list(self.endpoints.values()) for ent in ep.entities()
+                if ent.spec.pinned is not None and not ent.retired}
 
     def _scale_down(self, entity: EntityRuntime, count: int) -> None:
         """Take `count` replicas out of service: starting ones first, then the newest."""
@@ -288,15 +351,21 @@ class Reconciler:
         return ReplicaSpec(
             endpoint_name=entity.endpoint_name,
             entity_name=entity.spec.name,
-            model_uri=entity.spec.model_uri,
+            model_uri=entity.load_uri,
             max_concurrency=entity.concurrency,
             environment_vars=entity.spec.environment_vars,
             memory_limit_mb=self.memory_limit_mb,
             entity_uid=entity.uid,
         )
 
-    async def _start_replica(self, entity: EntityRuntime) -> None:
+    async def _start_replica(self, entity: EntityRuntime, now: float) -> bool:
+        """Start one replica; False when its environment's secrets cannot be read (counted as a crash)."""
         spec = self._replica_spec(entity)
+        try:
+            spec = replace(spec, environment_vars=self.resolve_env(spec.environment_vars))
+        except SecretUnavailable as exc:
+            await self._start_failed(entity, str(exc), now)
+            return False
         if entity.environment_warning is None:
             await self._check_environment(entity, spec.model_uri)
         asked = time.monotonic()
@@ -317,6 +386,27 @@ class Reconciler:
                 started_at=time.time(),
             )
         )
+        return True
+
+    async def _start_failed(self, entity: EntityRuntime, reason: str, now: float) -> None:
+        """A replica could not be started (a secret it names is gone): a crash under the crash policy,
+        after which the entity fails. `reason` names the reference, never a value."""
+        entity.crashes = self.crash_policy.consecutive(entity.crashes, None)
+        fields = {**_fields(entity), "event": "replica_start_failed", "crashes": entity.crashes}
+        if entity.crashes >= self.crash_policy.limit:
+            entity.deployment = Deployment.FAILED
+            entity.message = f"Could not start a replica {entity.crashes} times in a row: {reason}"
+            log.error("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message,
+                      extra=fields)
+            await self._stop_entities([entity], grace_s=2.0, keep_state=True)
+            return
+        delay = self.crash_policy.delay(entity.crashes)
+        entity.next_start_at = now + delay
+        entity.deployment = Deployment.RECOVERING if entity.ever_ready else Deployment.CREATING
+        entity.message = (f"Could not start a replica (try {entity.crashes} of {self.crash_policy.limit}): {reason} "
+                          f"Retrying in {delay:.1f} s.")
+        log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message,
+                    extra={**fields, "restart_in_s": round(delay, 3)})
 
     async def _check_environment(self, entity: EntityRuntime, model_uri: str) -> None:
         """Once per entity, before its first replica: the model's requirements against Berth's own
@@ -399,6 +489,45 @@ class Reconciler:
     # Routing
     def publish_routes(self) -> None:
         self.on_routes(build_routing_table(self.endpoints.values(), self.inference_root))
+
+
+def _log_failure(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("artifact cache eviction failed", exc_info=done.exception())
+
+
+def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    """`fn(*args)` in a daemon thread: a download in progress never holds up the server's shutdown
+    (its staging directory is swept when the cache next opens)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args, **kwargs), None
+        except BaseException as exc:  # handed to the loop, which reports it
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed first
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="berth-fetch", daemon=True).start()
+    return future
+
+
+def _described(entity: EntityRuntime) -> str:
+    """`models:/lr@champion (version 3)`: the source as named, and what it was pinned to."""
+    pinned = entity.spec.pinned
+    if pinned is not None and pinned.version is not None and entity.spec.source.kind != "version":
+        return f"{entity.spec.model_uri} (version {pinned.version})"
+    return entity.spec.model_uri
 
 
 def _fields(entity: EntityRuntime) -> dict[str, Any]:

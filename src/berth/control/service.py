@@ -6,19 +6,25 @@ before it touches the reconciler, so a failed request leaves nothing half-made.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+from berth.access.permissions import Caller
 from berth.control.autoscaling import AutoscalingLoop
 from berth.control.reconciler import Reconciler
+from berth.control.secrets import SecretService
 from berth.control.spec import (
     EndpointConfig,
     ReplicaPlan,
     ServedEntitySpec,
     parse_config,
+    pin,
     plan_replicas,
+    secret_references,
     validate_endpoint_name,
 )
 from berth.control.state import (
@@ -29,12 +35,14 @@ from berth.control.state import (
     EntityRuntime,
     now_ms,
 )
-from berth.errors import InvalidParameterValue, ResourceConflict, ResourceDoesNotExist
+from berth.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceConflict, ResourceDoesNotExist
 from berth.observability.export import RequestWindow, Totals, render_endpoint_metrics
 from berth.observability.inference import InferenceTableConfig, parse_inference_table
 from berth.observability.metrics import no_requests
 from berth.observability.series import request_series
 from berth.ratelimit.rules import RateLimit, parse_rate_limits
+from berth.registry.resolver import Resolver
+from berth.registry.sources import PinnedModel
 from berth.runtimes import PYFUNC
 from berth.store import EndpointRecord, Store
 from berth.store.db import DECISIONS_KEPT
@@ -43,13 +51,16 @@ from berth.store.db import DECISIONS_KEPT
 class EndpointService:
     """Create, read, update and delete serving endpoints."""
 
-    def __init__(self, store: Store, reconciler: Reconciler, *, cores: int, replica_concurrency: int = 0) -> None:
+    def __init__(self, store: Store, reconciler: Reconciler, *, cores: int, replica_concurrency: int = 0,
+                 resolver: Resolver | None = None) -> None:
         self.store = store
+        self.resolver = resolver or Resolver(None)  # pins registry sources (berth.registry)
         self.reconciler = reconciler
         self.cores = cores
         self.replica_concurrency = replica_concurrency  # > 0: every replica admits this many (no vertical axis)
         self.autoscaling: AutoscalingLoop | None = None  # set by the platform once built
         self.requests: RequestWindow | None = None  # the gateway's request series of the last minute (idem)
+        self.secrets: SecretService | None = None  # checks `{{secrets/…}}` in environment_vars (idem)
 
     # Loading after a restart
     def load(self) -> None:
@@ -57,8 +68,10 @@ class EndpointService:
             self.reconciler.add(self._from_doc(record))
 
     # Operations
-    def create(self, body: Any, creator: str, owner: str | None = None) -> dict[str, Any]:
-        """Create an endpoint; `owner` (a principal id) is granted CAN_MANAGE with it."""
+    async def create(self, body: Any, creator: str, owner: str | None = None,
+                     caller: Caller | None = None) -> dict[str, Any]:
+        """Create an endpoint; `owner` (a principal id) is granted CAN_MANAGE with it. The secrets its
+        environment_vars name must be the `caller`'s to use (None: the platform itself)."""
         if not isinstance(body, dict):
             raise InvalidParameterValue("The request body must be a JSON object.")
         name = validate_endpoint_name(body.get("name"))
@@ -78,6 +91,10 @@ class EndpointService:
         description = body.get("description")
         if description is not None and not isinstance(description, str):
             raise InvalidParameterValue("'description' must be a string.")
+        if name in self.reconciler.endpoints:  # before asking a registry anything
+            raise ResourceAlreadyExists(f"Endpoint '{name}' already exists.")
+        self.require_secrets(config, caller)
+        config = await self.pin_sources(config)
         ts = now_ms()
         endpoint = EndpointRuntime(
             name=name,
@@ -103,16 +120,15 @@ class EndpointService:
         endpoints = sorted(self.reconciler.endpoints.values(), key=lambda e: e.name)
         return {"endpoints": [ep.summary() for ep in endpoints if visible(ep.name)]}
 
-    def update_config(self, name: str, body: Any) -> dict[str, Any]:
+    async def update_config(self, name: str, body: Any, caller: Caller | None = None) -> dict[str, Any]:
         endpoint = self._endpoint(name)
-        if endpoint.config_update is ConfigUpdate.IN_PROGRESS:
-            raise ResourceConflict(
-                f"Endpoint '{name}' is already being updated (config_update IN_PROGRESS); "
-                "wait for it to finish before sending another update."
-            )
+        self._not_updating(endpoint)
         if not isinstance(body, dict):
             raise InvalidParameterValue("The request body must be a JSON object.")
         config = parse_config(body)
+        self.require_secrets(config, caller)
+        config = await self.pin_sources(config)
+        self._not_updating(endpoint)  # another update was accepted while the registry answered
         pending, rescale = self._config_runtime(endpoint, endpoint.next_version, config)
         previous = (endpoint.pending, endpoint.config_update, endpoint.last_updated_timestamp)
         endpoint.pending, endpoint.config_update = pending, ConfigUpdate.IN_PROGRESS
@@ -126,6 +142,32 @@ class EndpointService:
             entity.replan(spec, plan)
         self.reconciler.wake()
         return endpoint.view()
+
+    async def pin_sources(self, config: EndpointConfig) -> EndpointConfig:
+        """Resolve every remote source (registered names, `models:/…`, `runs:/…`) to the artifacts it names
+        now, in worker threads; 400/404/503 from the registry before anything is written."""
+        remote = [spec for spec in config.served_entities if spec.source.remote]
+        if not remote:
+            return config
+        pins = await asyncio.gather(*(asyncio.to_thread(self.resolver.resolve, spec.source) for spec in remote))
+        pinned = dict(zip([spec.name for spec in remote], pins, strict=True))
+        return replace(config, served_entities=tuple(
+            pin(spec, pinned[spec.name]) if spec.name in pinned else spec for spec in config.served_entities))
+
+    def require_secrets(self, config: EndpointConfig, caller: Caller | None) -> None:
+        """The secrets the config's environment_vars name exist and the caller manages their scopes."""
+        if self.secrets is not None:
+            self.secrets.require_references(caller, config)
+        elif any(secret_references(e.environment_vars) for e in config.served_entities):
+            raise InvalidParameterValue("This server has no secret store: environment_vars cannot name secrets.")
+
+    @staticmethod
+    def _not_updating(endpoint: EndpointRuntime) -> None:
+        if endpoint.config_update is ConfigUpdate.IN_PROGRESS:
+            raise ResourceConflict(
+                f"Endpoint '{endpoint.name}' is already being updated (config_update IN_PROGRESS); "
+                "wait for it to finish before sending another update."
+            )
 
     def patch_tags(self, name: str, body: Any) -> dict[str, Any]:
         """Add or replace tags (`add_tags`) and remove keys (`delete_tags`); no replica restarts."""
@@ -247,6 +289,13 @@ class EndpointService:
                 text = text[: text.find("\n", marker) + 1]
         return {"logs": text}
 
+    def model_locations(self, name: str) -> list[tuple[str, str]]:
+        """(served name, local model) of the serving config's entities (the pending one's while the endpoint
+        is being created); a remote source not fetched yet gives its URI."""
+        endpoint = self._endpoint(name)
+        cfg = endpoint.active or endpoint.pending
+        return [(ent_name, ent.load_uri) for ent_name, ent in cfg.entities.items()] if cfg is not None else []
+
     def persist(self, endpoint: EndpointRuntime) -> None:
         self.store.save_endpoint(EndpointRecord(endpoint.name, endpoint.id, to_doc(endpoint)))
 
@@ -313,7 +362,12 @@ class EndpointService:
             saved = doc.get(slot)
             if saved is None:
                 continue
-            cfg, rescale = self._config_runtime(endpoint, saved["version"], parse_config(saved["config"]))
+            config = parse_config(saved["config"])
+            pins = saved.get("pinned") or {}
+            config = replace(config, served_entities=tuple(
+                pin(spec, PinnedModel.from_dict(pins[spec.name])) if spec.name in pins else spec
+                for spec in config.served_entities))
+            cfg, rescale = self._config_runtime(endpoint, saved["version"], config)
             for entity, spec, plan in rescale:
                 entity.replan(spec, plan)
             cfg.start_time = saved.get("start_time", cfg.start_time)
@@ -344,6 +398,7 @@ def to_doc(endpoint: EndpointRuntime) -> dict[str, Any]:
             "version": cfg.version,
             "start_time": cfg.start_time,
             "config": cfg.config.to_input_dict(),
+            "pinned": {e.name: e.pinned.to_dict() for e in cfg.config.served_entities if e.pinned is not None},
             "entities": {
                 name: {
                     "deployment": ent.deployment.value,

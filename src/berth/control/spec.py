@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import Any
 
 from berth.errors import InvalidParameterValue
 from berth.observability.inference import InferenceTableConfig, parse_inference_table
+from berth.registry.sources import ModelSource, PinnedModel, parse_source
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")  # \Z: `$` also matches before a final "\n"
 MAX_SERVED_ENTITIES = 15
@@ -46,11 +47,17 @@ class ServedEntitySpec:
     min_provisioned_concurrency: int = 4
     max_provisioned_concurrency: int = 4
     environment_vars: dict[str, str] = field(default_factory=dict)
+    # A remote source (registry, runs:/, artifact URI) pinned when the config was accepted; None: local.
+    pinned: PinnedModel | None = None
+
+    @property
+    def source(self) -> ModelSource:
+        return parse_source(self.entity_name, self.entity_version)
 
     @property
     def model_uri(self) -> str:
-        """The MLflow model URI this entity loads."""
-        return self.entity_name
+        """The model as the user named it (`models:/name/version` for a registered name and version)."""
+        return self.source.uri
 
     def deployment_key(self) -> tuple[Any, ...]:
         """Entities with equal keys keep their replicas across a config update: a change of scaling
@@ -59,6 +66,7 @@ class ServedEntitySpec:
             self.name,
             self.entity_name,
             self.entity_version,
+            self.pinned,  # an alias moved: a new version, so new replicas
             self.workload_type,
             tuple(sorted(self.environment_vars.items())),
         )
@@ -66,6 +74,8 @@ class ServedEntitySpec:
     def to_input_dict(self) -> dict[str, Any]:
         """The entity as a create request would give it (what the store keeps)."""
         out = self.to_dict()
+        if self.entity_version is None:
+            out.pop("entity_version", None)  # the pinned version, shown in views only
         if self.workload_size is not None:
             del out["min_provisioned_concurrency"], out["max_provisioned_concurrency"]
         return out
@@ -74,6 +84,8 @@ class ServedEntitySpec:
         out: dict[str, Any] = {"name": self.name, "entity_name": self.entity_name}
         if self.entity_version is not None:
             out["entity_version"] = self.entity_version
+        elif self.pinned is not None and self.pinned.version is not None:
+            out["entity_version"] = self.pinned.version  # what models:/name@alias resolved to
         if self.workload_size is not None:
             out["workload_size"] = self.workload_size
         out["workload_type"] = self.workload_type
@@ -156,6 +168,11 @@ def is_model_uri(entity_name: str) -> bool:
     return ":" in entity_name or "/" in entity_name or entity_name.startswith(".")
 
 
+def pin(spec: ServedEntitySpec, pinned: PinnedModel | None) -> ServedEntitySpec:
+    """The spec with its remote source pinned (None for a local model)."""
+    return replace(spec, pinned=pinned)
+
+
 def sanitize_name(text: str) -> str:
     """Turn any text (a path's last part, say) into a valid `[A-Za-z0-9_-]` name."""
     cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
@@ -163,6 +180,9 @@ def sanitize_name(text: str) -> str:
 
 
 def default_entity_name(entity_name: str, entity_version: str | None) -> str:
+    source = parse_source(entity_name, entity_version)
+    if source.kind in ("version", "alias", "latest"):  # lr-3, lr-champion (an alias keeps its name as it moves)
+        return sanitize_name(f"{source.name}-{source.ref}")
     base = entity_name
     if is_model_uri(entity_name):
         base = PurePath(entity_name.rstrip("/")).name or "model"
@@ -237,16 +257,12 @@ def _parse_entity(raw: Any, index: int) -> ServedEntitySpec:
     entity_name = raw.get("entity_name")
     if not isinstance(entity_name, str) or not entity_name.strip():
         raise InvalidParameterValue(f"{where}.entity_name is required.")
-    if not is_model_uri(entity_name):
-        raise InvalidParameterValue(
-            f"{where}.entity_name {entity_name!r} is a registered model name, and model registry "
-            "sources are not supported yet. Pass a local MLflow model directory or a file:// URI."
-        )
     version = raw.get("entity_version")
     if version is not None:
         if isinstance(version, bool) or not isinstance(version, str | int):
             raise InvalidParameterValue(f"{where}.entity_version must be a string.")
         version = str(version)
+    parse_source(entity_name, version, where)  # 400 for what names no model
     name = raw.get("name")
     if name is None:
         name = default_entity_name(entity_name, version)
@@ -381,3 +397,43 @@ def plan_replicas(
         replicas = max(1, min(replicas, cores))
     per_replica = math.ceil(max_provisioned_concurrency / replicas)
     return ReplicaPlan(replicas, per_replica)
+
+
+# `{{secrets/<scope>/<key>}}` as a whole environment_vars value (as on Databricks); resolved by
+# berth.control.secrets when a replica's environment is built, never stored or shown resolved.
+SECRET_NAME = r"[A-Za-z0-9_.-]{1,128}"
+SECRET_REFERENCE_RE = re.compile(r"\{\{secrets/(" + SECRET_NAME + r")/(" + SECRET_NAME + r")\}\}\Z")
+SECRET_MARKER = "{{secrets/"
+
+
+@dataclass(frozen=True)
+class SecretReference:
+    """One environment variable whose value is a secret reference."""
+
+    variable: str
+    scope: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{{{{secrets/{self.scope}/{self.key}}}}}"
+
+
+def secret_reference(variable: str, value: str) -> SecretReference | None:
+    """The reference this value is, or None for a literal value (one that never mentions `{{secrets/`)."""
+    match = SECRET_REFERENCE_RE.match(value)
+    return SecretReference(variable, match.group(1), match.group(2)) if match else None
+
+
+def secret_references(env: dict[str, str], where: str = "environment_vars") -> list[SecretReference]:
+    """Every secret reference in an entity's environment_vars; a value that mentions `{{secrets/` without
+    being exactly one reference is refused (it would otherwise reach the model as literal text)."""
+    found = []
+    for variable, value in env.items():
+        ref = secret_reference(variable, value)
+        if ref is None and SECRET_MARKER in value:
+            raise InvalidParameterValue(
+                f"{where}[{variable!r}] must be a whole secret reference, {{{{secrets/<scope>/<key>}}}} (scope and "
+                "key of 1 to 128 characters from [A-Za-z0-9_.-]), or a value without '{{secrets/'.")
+        if ref is not None:
+            found.append(ref)
+    return found

@@ -78,6 +78,8 @@ class EntityRuntime:
     concurrency: int = 0  # per-replica concurrency in force (0: the plan's)
     decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=200))
     scaler: Any = None  # its berth.autoscaler.Autoscaler, made by the autoscaling loop
+    # A remote source's local directory in the artifact cache, once fetched (berth.registry.cache).
+    model_path: str | None = None
     # The model's requirements against Berth's environment (berth.runtimes.environment), checked
     # when its first replica starts: None until then, "" when they match.
     environment_warning: str | None = None
@@ -133,6 +135,15 @@ class EntityRuntime:
         out["creation_timestamp"] = self.creation_timestamp
         out["state"] = {"deployment": self.deployment.value, "deployment_state_message": self.state_message}
         return out
+
+    @property
+    def load_uri(self) -> str:
+        """What its replicas load: the fetched directory of a remote source, else the local model itself."""
+        return self.model_path if self.model_path is not None else self.spec.entity_name
+
+    @property
+    def fetched(self) -> bool:
+        return self.spec.pinned is None or self.model_path is not None
 
     @property
     def state_message(self) -> str:

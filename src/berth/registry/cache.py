@@ -143,11 +143,13 @@ class ArtifactCache:
         return sum(p.stat().st_size for p in (self.root / "blobs").glob("*/*") if p.is_file())
 
     # Fetching
-    def fetch(self, artifact_uri: str, *, download: Callable[[str, Path], None] | None = None) -> Path:
+    def fetch(self, artifact_uri: str, *, download: Callable[[str, Path], None] | None = None,
+              evict: bool = True) -> Path:
         """The local model directory of `artifact_uri`, downloading it unless cached. Blocking.
 
         `download(artifact_uri, dest)` defaults to MLflow's; concurrent callers (threads or processes)
-        wait for the one that downloads."""
+        wait for the one that downloads. `evict`: trim the cache to its bound after a download (a caller
+        that knows what is in use better than `in_use` can tell from this thread evicts itself)."""
         hit = self.lookup(artifact_uri)
         if hit is not None:
             return hit
@@ -168,7 +170,8 @@ class ArtifactCache:
                          extra={"event": "artifact_fetched", "artifact_uri": artifact_uri, "tree": tree.name})
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        self.evict()
+        if evict:
+            self.evict()
         return tree
 
     def _download(self, artifact_uri: str, dest: Path) -> None:
@@ -221,10 +224,10 @@ class ArtifactCache:
         return tree
 
     # Eviction
-    def evict(self) -> list[str]:
-        """Drop least-recently-used refs nobody serves until the cache fits its bound; then remove trees
-        and blobs no ref names. Returns the evicted artifact URIs."""
-        in_use = {self.key(uri) for uri in self.in_use()}
+    def evict(self, in_use_uris: set[str] | None = None) -> list[str]:
+        """Drop least-recently-used refs nobody serves (`in_use_uris`, else `in_use()`) until the cache fits
+        its bound; then remove trees and blobs no ref names. Returns the evicted artifact URIs."""
+        in_use = {self.key(uri) for uri in (self.in_use() if in_use_uris is None else in_use_uris)}
         with self._commit_lock():
             refs = self.refs()
             now = time.time()
