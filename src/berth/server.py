@@ -62,6 +62,10 @@ class Platform:
         self.store = Store(settings.resolved_store_url)
         secret_store = SecretStore(self.store.engine, load_cipher(settings.data_dir, settings.secrets_key))
         secret_store.check_key()  # servers sharing a store must share its secrets key
+        if settings.secrets_key and "," in settings.secrets_key.strip(","):  # new,old: finish the rotation
+            count = secret_store.rotate()
+            log.info("re-encrypted %d secret(s) with the first key of BERTH_SECRETS_KEY; the others may go", count,
+                     extra={"event": "secrets_rotated", "secrets": count})
         self.secrets = SecretService(secret_store)
         self.backend = LocalBackend(
             settings.data_dir / "logs" / "replicas",

@@ -26,7 +26,7 @@ from tests.fixtures.mlflow_server import BIG_FILE_MB, TrackingServer, start_trac
 pytestmark = pytest.mark.slow  # a tracking server and its models (~20 s), then replicas
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not per module: the both-stores test's params would start it again
 def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
     server = start_tracking_server(tmp_path_factory.mktemp("mlflow"))
     yield server

@@ -458,6 +458,9 @@ class FlakyCache(ArtifactCache):
 
     failures = 2
 
+    async def fetch_async(self, artifact_uri):  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(self.fetch, artifact_uri, evict=False)  # in process: _download is ours
+
     def _download(self, artifact_uri, dest):  # type: ignore[no-untyped-def]
         if self.failures:
             self.failures -= 1

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from berth.errors import InvalidParameterValue, PermissionDenied, ResourceDoesNotExist, TemporarilyUnavailable
-from berth.registry.cache import ArtifactCache, CachedRef, evictions, tree_id
+from berth.errors import InvalidParameterValue, ResourceDoesNotExist, TemporarilyUnavailable
+from berth.registry.cache import ArtifactCache, CachedRef, evictions, redact, tree_id
 from berth.registry.resolver import Resolver, _registry_error
 from berth.registry.sources import ModelSource, PinnedModel, parse_source
 
@@ -129,7 +129,7 @@ class TestRegistryErrors:
             ("RESOURCE_DOES_NOT_EXIST", "RESOURCE_DOES_NOT_EXIST: Model Version not found", ResourceDoesNotExist),
             ("INVALID_PARAMETER_VALUE", "Registered model alias champion not found.", ResourceDoesNotExist),
             ("INVALID_PARAMETER_VALUE", "Bad version", InvalidParameterValue),
-            ("PERMISSION_DENIED", "no", PermissionDenied),
+            ("PERMISSION_DENIED", "no", TemporarilyUnavailable),  # Berth's credentials, not the caller's
             ("INTERNAL_ERROR", "API request failed with exception ConnectionRefused", TemporarilyUnavailable),
         ],
     )
@@ -148,3 +148,19 @@ def test_pinned_round_trips() -> None:
     pinned = PinnedModel("mlflow-artifacts:/0/models/m-1/artifacts", "3", "run")
     assert PinnedModel.from_dict(pinned.to_dict()) == pinned
     assert PinnedModel.from_dict(PinnedModel("s3://x").to_dict()) == PinnedModel("s3://x")
+
+
+def test_credentials_in_urls_are_redacted() -> None:
+    text = "API request to https://alice:s3cret@mlflow.internal/api/2.0/x failed; see http://tok@h:5000/"
+    assert redact(text) == "API request to https://***@mlflow.internal/api/2.0/x failed; see http://***@h:5000/"
+    error = _registry_error(TestRegistryErrors.SOURCE, TestRegistryErrors.Raised("INTERNAL_ERROR", text))
+    assert "s3cret" not in error.message
+
+
+def test_logged_model_uris_and_refused_schemes() -> None:
+    source = parse_source("models:/m-0123456789abcdef", None)
+    assert (source.kind, source.ref, source.uri) == ("logged", "m-0123456789abcdef", "models:/m-0123456789abcdef")
+    for uri in ("https://internal.example/model", "http://169.254.169.254/latest", "ftp://x/y"):
+        with pytest.raises(InvalidParameterValue, match="not served"):
+            parse_source(uri, None)
+    assert parse_source("s3://bucket/model", None).kind == "uri"

@@ -206,6 +206,12 @@ def test_a_configured_key_rotates_and_a_wrong_one_is_refused_at_start(store: Sto
     assert not (tmp_path / KEY_FILE).exists()  # a configured key makes no file
     with pytest.raises(SecretKeyError, match="another key"):
         SecretStore(store.engine, load_cipher(tmp_path, new)).check_key()
+    assert rotated.rotate() == 1  # re-encrypted with the new key: the old one can go
+    only_new = SecretStore(store.engine, load_cipher(tmp_path, new))
+    only_new.check_key()
+    assert only_new.value("s", "k") == b"v"
+    with pytest.raises(SecretKeyError, match="another key"):
+        SecretStore(store.engine, load_cipher(tmp_path, old)).check_key()
     with pytest.raises(SecretKeyError, match="BERTH_SECRETS_KEY must be a Fernet key"):
         load_cipher(tmp_path, "not-a-key")
 

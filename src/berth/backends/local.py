@@ -47,6 +47,20 @@ from berth.replica.launch import THREAD_VARS, ReplicaArgs
 
 log = logging.getLogger("berth.backend")
 
+# The platform's own settings and credentials never reach a model's process: BERTH_* holds the store URL
+# (with its password), the secrets key and the admin token; the rest are the tracking server's and
+# PostgreSQL's credentials. A model gets what its entity's environment_vars give it.
+PLATFORM_ONLY_ENV = frozenset({
+    "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET", "PGPASSWORD",
+})
+
+
+def inherited_env() -> dict[str, str]:
+    """The server's environment as replicas inherit it: without `BERTH_*` and `PLATFORM_ONLY_ENV`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("BERTH_") and k not in PLATFORM_ONLY_ENV}
+
+
 THREAD_ENV_DEFAULTS = {
     # One GIL-bound replica per core: native thread pools inside it only fight each other.
     "OMP_NUM_THREADS": "1",
@@ -119,7 +133,7 @@ class LocalBackend:
         self._unsafe: dict[tuple[Any, ...], str] = {}  # models whose template said "do not fork me"
         self._reaper: asyncio.Task[None] | None = None
         self.fork = fork and become_subreaper()
-        base_env = {**os.environ, **THREAD_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
+        base_env = {**inherited_env(), **THREAD_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
         self.pool = (
             WarmPool(self.python, log_dir / "standby", pool, env=base_env,
                      preexec=_model_setup(memory_limit_mb * 2**20))
@@ -318,7 +332,7 @@ class LocalBackend:
                 template.state = "failed"
         else:
             ours, theirs = control_pair()
-            env = {**os.environ, **user_env, **THREAD_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
+            env = {**inherited_env(), **user_env, **THREAD_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
             cmd = [self.python, "-m", "berth.replica", "--template", "--model-uri", spec.model_uri,
                    "--name", spec.entity_name, "--control-fd", str(theirs.fileno()),
                    "--thread-env", json.dumps(thread_env)]
@@ -435,7 +449,7 @@ class LocalBackend:
                 replica.child, replica.path = standby.child, "warm"
                 return
             standby.channel.close()
-        env = {**os.environ, **THREAD_ENV_DEFAULTS, **spec.environment_vars, "PYTHONUNBUFFERED": "1"}
+        env = {**inherited_env(), **THREAD_ENV_DEFAULTS, **spec.environment_vars, "PYTHONUNBUFFERED": "1"}
         cmd = [self.python, "-m", "berth.replica", "--model-uri", spec.model_uri, "--socket", replica.socket_path,
                "--replica-id", replica.handle.id, "--name", spec.entity_name,
                "--max-concurrency", str(spec.max_concurrency), "--max-rows", str(args.max_rows),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -89,7 +89,7 @@ class Reconciler:
         # A replica's environment_vars with `{{secrets/…}}` resolved (berth.control.secrets), at its start only.
         self.resolve_env = resolve_env or dict
         self.artifacts = artifacts  # remote sources' local copies (berth.registry.cache)
-        self._fetches: dict[str, asyncio.Future[Path]] = {}
+        self._fetches: dict[str, asyncio.Task[Path]] = {}
         self.inference_root = inference_root  # inference tables live under it (berth.observability.inference)
         self.metrics = metrics  # replica start times (berth_replica_start_seconds)
         self.store = store
@@ -116,6 +116,9 @@ class Reconciler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for fetch in self._fetches.values():  # kills their child processes
+            fetch.cancel()
+        await asyncio.gather(*self._fetches.values(), return_exceptions=True)
         for ep in list(self.endpoints.values()):
             await self._stop_entities(ep.entities(), grace_s=5.0)
         if self._retiring:
@@ -223,7 +226,7 @@ class Reconciler:
         if entity.at_zero and not entity.spec.scale_to_zero_enabled:  # turned off while at zero
             entity.at_zero = False
             changed = True
-        if not entity.fetched:
+        if not self._has_model(entity):
             return self._fetch(entity, now) or changed
         missing = entity.desired_replicas - len(entity.replicas)
         if missing > 0 and now >= entity.next_start_at and not entity.retired:
@@ -245,8 +248,16 @@ class Reconciler:
                 changed = True
         return changed
 
+    def _has_model(self, entity: EntityRuntime) -> bool:
+        """Whether replicas can start: a local source, or a fetched one whose tree is still on disk (one
+        removed behind the cache's back is fetched again)."""
+        if (entity.model_path is not None and entity.desired_replicas > len(entity.replicas)
+                and not os.path.isdir(entity.model_path)):
+            entity.model_path = None
+        return entity.fetched
+
     def _fetch(self, entity: EntityRuntime, now: float) -> bool:
-        """Bring a remote source into the artifact cache (in a thread; entities of one source share the
+        """Bring a remote source into the artifact cache (a child process; entities of one source share the
         fetch); a failed fetch is retried under the crash policy, then fails the entity."""
         pinned = entity.spec.pinned
         assert pinned is not None
@@ -257,7 +268,7 @@ class Reconciler:
         if task is None:
             if now < entity.next_start_at:
                 return False
-            task = _in_daemon_thread(self.artifacts.fetch, pinned.artifact_uri, evict=False)
+            task = asyncio.create_task(self._fetch_source(pinned.artifact_uri), name=f"berth-fetch-{entity.spec.name}")
             task.add_done_callback(lambda _t: self.wake())
             self._fetches[pinned.artifact_uri] = task
         if not task.done():
@@ -267,12 +278,10 @@ class Reconciler:
             return changed
         if self._fetches.get(pinned.artifact_uri) is task:
             del self._fetches[pinned.artifact_uri]
-        error = task.exception()
-        if error is None:
+        error = None if task.cancelled() else task.exception()
+        if error is None and not task.cancelled():
             entity.model_path = str(task.result())
             entity.crashes = 0
-            # Trim the cache to its bound, sparing what every entity uses (taken here, on the loop).
-            _in_daemon_thread(self.artifacts.evict, self.artifacts_in_use()).add_done_callback(_log_failure)
             entity.message = f"Fetched {_described(entity)}; starting replicas."
             return True
         entity.crashes += 1
@@ -289,6 +298,22 @@ class Reconciler:
                           f" {error}; retrying in {delay:.1f} s.")
         log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message, extra=fields)
         return True
+
+    async def _fetch_source(self, artifact_uri: str) -> Path:
+        """The cached tree of `artifact_uri`, fetched if missing; then the cache trimmed to its bound, sparing
+        what every entity uses (the set taken here, on the loop)."""
+        assert self.artifacts is not None
+        started = time.monotonic()
+        tree = await self.artifacts.fetch_async(artifact_uri)
+        log.info("artifact %s ready in %.2f s: %s", artifact_uri, time.monotonic() - started, tree,
+                 extra={"event": "artifact_ready", "artifact_uri": artifact_uri, "fetch_s": round(
+                     time.monotonic() - started, 3)})
+        in_use, taken_at = self.artifacts_in_use(), time.time()
+        try:
+            await asyncio.to_thread(self.artifacts.evict, in_use, taken_at=taken_at)
+        except Exception:  # a failed trim must not fail the entity
+            log.exception("artifact cache eviction failed")
+        return tree
 
     def artifacts_in_use(self) -> set[str]:
         """The pinned artifact URIs of every served entity, live or pending (never evicted)."""
@@ -489,37 +514,6 @@ class Reconciler:
     # Routing
     def publish_routes(self) -> None:
         self.on_routes(build_routing_table(self.endpoints.values(), self.inference_root))
-
-
-def _log_failure(done: asyncio.Future[Any]) -> None:
-    if not done.cancelled() and done.exception() is not None:
-        log.error("artifact cache eviction failed", exc_info=done.exception())
-
-
-def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
-    """`fn(*args)` in a daemon thread: a download in progress never holds up the server's shutdown
-    (its staging directory is swept when the cache next opens)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = fn(*args, **kwargs), None
-        except BaseException as exc:  # handed to the loop, which reports it
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed first
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name="berth-fetch", daemon=True).start()
-    return future
 
 
 def _described(entity: EntityRuntime) -> str:

@@ -183,6 +183,8 @@ class SecretService:
         except InvalidToken:
             raise SecretUnavailable(f"{name} cannot be decrypted with this server's secrets key "
                                     "(BERTH_SECRETS_KEY, or DATA_DIR/secrets.key).") from None
+        except Exception as exc:  # the store is down: a failed start (retried), never a failed reconcile pass
+            raise SecretUnavailable(f"{name} could not be read from the store ({type(exc).__name__}).") from None
         if raw is None:
             raise SecretUnavailable(f"{name} does not exist (was it deleted?). Put it back, or update the "
                                     "endpoint's config.")

@@ -35,7 +35,13 @@ from berth.control.state import (
     EntityRuntime,
     now_ms,
 )
-from berth.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceConflict, ResourceDoesNotExist
+from berth.errors import (
+    InvalidParameterValue,
+    ResourceAlreadyExists,
+    ResourceConflict,
+    ResourceDoesNotExist,
+    TemporarilyUnavailable,
+)
 from berth.observability.export import RequestWindow, Totals, render_endpoint_metrics
 from berth.observability.inference import InferenceTableConfig, parse_inference_table
 from berth.observability.metrics import no_requests
@@ -46,6 +52,8 @@ from berth.registry.sources import PinnedModel
 from berth.runtimes import PYFUNC
 from berth.store import EndpointRecord, Store
 from berth.store.db import DECISIONS_KEPT
+
+PIN_TIMEOUT_S = 60.0  # a create or update waits this long for the registry, then 503 (nothing written)
 
 
 class EndpointService:
@@ -94,7 +102,10 @@ class EndpointService:
         if name in self.reconciler.endpoints:  # before asking a registry anything
             raise ResourceAlreadyExists(f"Endpoint '{name}' already exists.")
         self.require_secrets(config, caller)
-        config = await self.pin_sources(config)
+        remote = await self.pin_sources(config)
+        if remote is not config:
+            self.require_secrets(config, caller)  # a scope deleted or re-created while the registry answered
+        config = remote
         ts = now_ms()
         endpoint = EndpointRuntime(
             name=name,
@@ -127,8 +138,13 @@ class EndpointService:
             raise InvalidParameterValue("The request body must be a JSON object.")
         config = parse_config(body)
         self.require_secrets(config, caller)
-        config = await self.pin_sources(config)
-        self._not_updating(endpoint)  # another update was accepted while the registry answered
+        remote = await self.pin_sources(config)
+        if remote is not config:  # the registry answered after an await: what may have changed meanwhile
+            if self.reconciler.endpoints.get(name) is not endpoint:
+                raise ResourceDoesNotExist(f"Endpoint '{name}' was deleted while its models were resolved.")
+            self._not_updating(endpoint)  # another update was accepted meanwhile
+            self.require_secrets(config, caller)  # a scope deleted or re-created meanwhile
+        config = remote
         pending, rescale = self._config_runtime(endpoint, endpoint.next_version, config)
         previous = (endpoint.pending, endpoint.config_update, endpoint.last_updated_timestamp)
         endpoint.pending, endpoint.config_update = pending, ConfigUpdate.IN_PROGRESS
@@ -149,7 +165,13 @@ class EndpointService:
         remote = [spec for spec in config.served_entities if spec.source.remote]
         if not remote:
             return config
-        pins = await asyncio.gather(*(asyncio.to_thread(self.resolver.resolve, spec.source) for spec in remote))
+        try:
+            pins = await asyncio.wait_for(asyncio.gather(
+                *(asyncio.to_thread(self.resolver.resolve, spec.source) for spec in remote)), PIN_TIMEOUT_S)
+        except TimeoutError:
+            raise TemporarilyUnavailable(
+                f"The MLflow tracking server did not resolve {', '.join(s.model_uri for s in remote)} within "
+                f"{PIN_TIMEOUT_S:.0f} s; nothing was changed.", retry_after=10) from None
         pinned = dict(zip([spec.name for spec in remote], pins, strict=True))
         return replace(config, served_entities=tuple(
             pin(spec, pinned[spec.name]) if spec.name in pinned else spec for spec in config.served_entities))

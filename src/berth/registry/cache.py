@@ -17,11 +17,14 @@ Downloads go through MLflow (`mlflow.artifacts.download_artifacts`), so any stor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -108,16 +111,18 @@ class ArtifactCache:
 
     # Reading
     def lookup(self, artifact_uri: str) -> Path | None:
-        """The cached tree of `artifact_uri` (its last use set to now), or None."""
+        """The cached tree of `artifact_uri` (its last use set to now), or None. Under the commit lock: an
+        eviction either ran before (a miss) or sees this use (and spares it)."""
         key = self.key(artifact_uri)
-        ref = self._read_ref(key)
-        if ref is None:
-            return None
-        tree = self.root / "trees" / ref.tree
-        if not tree.is_dir():
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(self._ref_path(key))
+        with self._commit_lock():
+            ref = self._read_ref(key)
+            if ref is None:
+                return None
+            tree = self.root / "trees" / ref.tree
+            if not tree.is_dir():
+                return None
+            with contextlib.suppress(OSError):
+                os.utime(self._ref_path(key))
         return tree
 
     def refs(self) -> list[CachedRef]:
@@ -174,6 +179,13 @@ class ArtifactCache:
             self.evict()
         return tree
 
+    async def fetch_async(self, artifact_uri: str) -> Path:
+        """`fetch` for an event loop: the lookup in a thread, a download in a child process (`fetch_in_child`)."""
+        hit = await asyncio.to_thread(self.lookup, artifact_uri)
+        if hit is not None:
+            return hit
+        return await fetch_in_child(self.root, self.tracking_uri, artifact_uri)
+
     def _download(self, artifact_uri: str, dest: Path) -> None:
         from berth.registry.resolver import _client_defaults
 
@@ -200,7 +212,7 @@ class ArtifactCache:
                 if not blob.exists():
                     blob.parent.mkdir(exist_ok=True)
                     staged = root / rel
-                    os.chmod(staged, 0o555 if executable else 0o444)
+                    os.chmod(staged, 0o500 if executable else 0o400)  # the server's user only
                     _fsync(staged)
                     os.replace(staged, blob)
             tree = self.root / "trees" / tid
@@ -224,12 +236,19 @@ class ArtifactCache:
         return tree
 
     # Eviction
-    def evict(self, in_use_uris: set[str] | None = None) -> list[str]:
+    def evict(self, in_use_uris: set[str] | None = None, *, taken_at: float | None = None) -> list[str]:
         """Drop least-recently-used refs nobody serves (`in_use_uris`, else `in_use()`) until the cache fits
-        its bound; then remove trees and blobs no ref names. Returns the evicted artifact URIs."""
-        in_use = {self.key(uri) for uri in (self.in_use() if in_use_uris is None else in_use_uris)}
+        its bound; then remove trees and blobs no ref names. Returns the evicted artifact URIs.
+
+        `taken_at`: when `in_use_uris` was read; a ref used since (a fetch or lookup the set cannot show,
+        from this process or another sharing the cache) is spared too."""
+        if in_use_uris is None:
+            taken_at, in_use_uris = time.time(), self.in_use()
+        since = time.time() if taken_at is None else taken_at
+        in_use = {self.key(uri) for uri in in_use_uris}
         with self._commit_lock():
             refs = self.refs()
+            in_use |= {r.key for r in refs if r.last_used >= since}
             now = time.time()
             for ref in refs:
                 if ref.key in in_use:  # in use now: its last use is now
@@ -270,6 +289,51 @@ class ArtifactCache:
                 continue  # a live fetch (this or another process) owns it
 
 
+class FetchError(Exception):
+    """A fetch in a child process failed; the message is its error's first line, credentials redacted."""
+
+
+async def fetch_in_child(root: Path, tracking_uri: str | None, artifact_uri: str) -> Path:
+    """`ArtifactCache(root).fetch(artifact_uri)` in a child process (`python -m berth.registry.cache`):
+    MLflow's download threads are joined at exit, so a download in the server's own process would hold
+    up its shutdown; a cancelled fetch kills the child (the commit protocol leaves nothing behind)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "berth.registry.cache", str(root), tracking_uri or "", artifact_uri,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+        raise FetchError(lines[-1] if lines else f"the fetch exited with status {proc.returncode}")
+    return Path(out.decode().strip().splitlines()[-1])
+
+
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`scheme://user:password@host` → `scheme://***@host`, wherever a URL appears in `text`."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _main(argv: list[str]) -> int:
+    root, tracking_uri, artifact_uri = argv
+    cache = ArtifactCache(Path(root), max_bytes=1 << 62, tracking_uri=tracking_uri or None)
+    try:
+        tree = cache.fetch(artifact_uri, evict=False)
+    except Exception as exc:  # one line for the parent's message: never a traceback with URLs in it
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(redact(first)[:1000], file=sys.stderr)
+        return 1
+    print(tree)
+    return 0
+
+
 def _model_root(downloaded: Path) -> Path:
     """MLflow downloads `…/artifacts` or `runs:/…/model` into a subdirectory named after its last part."""
     if (downloaded / "MLmodel").exists():
@@ -308,3 +372,7 @@ def _fsync(path: Path) -> None:
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         _fsync(path)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -15,10 +15,10 @@ from typing import Any
 from berth.errors import (
     BerthError,
     InvalidParameterValue,
-    PermissionDenied,
     ResourceDoesNotExist,
     TemporarilyUnavailable,
 )
+from berth.registry.cache import redact
 from berth.registry.sources import ModelSource, PinnedModel
 
 # MLflow's client retries a failed call 7 times with exponential backoff (minutes); a create request
@@ -89,6 +89,9 @@ class Resolver:
                 mv = newest[0]
             uri = client.get_model_version_download_uri(source.name, str(mv.version))
             return PinnedModel(uri, str(mv.version), mv.run_id or None)
+        if source.kind == "logged":
+            model = client.get_logged_model(source.ref)
+            return PinnedModel(str(model.artifact_location), None, model.source_run_id or None)
         if source.kind == "run":
             run = client.get_run(source.name)  # 404 for an unknown run, before any artifact call
             # MLflow 3 keeps a model logged in a run as a logged model of that name, stored apart from the
@@ -132,13 +135,15 @@ def _logged_model(client: Any, experiment_id: str, run_id: str, name: str) -> st
 def _registry_error(source: ModelSource, exc: Exception) -> BerthError:
     code = getattr(exc, "error_code", "")
     text = getattr(exc, "message", None) or str(exc)
-    text = text.splitlines()[0][:500] if text else type(exc).__name__
+    text = redact(text.splitlines()[0][:500]) if text else type(exc).__name__
     text = text.removeprefix(f"{code}: ") if code else text
     if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or (code == "INVALID_PARAMETER_VALUE" and "not found" in text):
         return ResourceDoesNotExist(f"{source.uri}: {text}")
     if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
         return InvalidParameterValue(f"{source.uri}: {text}")
-    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
-        return PermissionDenied(f"{source.uri}: the tracking server refused Berth's credentials: {text}")
+    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):  # Berth's own credentials: not the caller's fault
+        return TemporarilyUnavailable(f"{source.uri}: the MLflow tracking server refused Berth's credentials "
+                                      f"({text}); the platform's operator must fix BERTH_MLFLOW_TRACKING_URI's "
+                                      "credentials.", retry_after=30)
     return TemporarilyUnavailable(f"Could not resolve {source.uri} through the MLflow tracking server: {text}",
                                   retry_after=5)

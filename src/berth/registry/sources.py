@@ -13,9 +13,11 @@ from typing import Literal
 
 from berth.errors import InvalidParameterValue
 
-SourceKind = Literal["local", "version", "alias", "latest", "run", "uri"]
+SourceKind = Literal["local", "version", "alias", "latest", "logged", "run", "uri"]
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}\Z")  # MLflow's alias names
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_LOGGED_ID_RE = re.compile(r"^m-[0-9a-f]{8,64}\Z")
+_REFUSED_SCHEMES = {"http", "https", "ftp", "sftp", "file+http"}
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class ModelSource:
 
     - local: `ref` is the path or file:// URI;
     - version / alias / latest: `name` is the registered model, `ref` the version number or alias;
+    - logged: `ref` is an MLflow 3 logged model's id (`models:/m-…`, what `log_model` returns);
     - run: `name` is the run id, `ref` the artifact path in the run;
     - uri: `ref` is any other artifact URI MLflow can download (`mlflow-artifacts:/…`, `s3://…`).
     """
@@ -45,6 +48,8 @@ class ModelSource:
             return f"models:/{self.name}@{self.ref}"
         if self.kind == "latest":
             return f"models:/{self.name}/latest"
+        if self.kind == "logged":
+            return f"models:/{self.ref}"
         if self.kind == "run":
             return f"runs:/{self.name}/{self.ref}"
         return self.ref
@@ -71,6 +76,10 @@ def parse_source(entity_name: str, entity_version: str | None, where: str = "ser
                 raise InvalidParameterValue(f"{where}: {entity_name!r} names an alias; omit entity_version.")
             return ModelSource("alias", alias, name)
         name, _, version = rest.rpartition("/")
+        if not name and _LOGGED_ID_RE.match(rest):  # MLflow 3: models:/m-<id>
+            if entity_version is not None:
+                raise InvalidParameterValue(f"{where}: {entity_name!r} names a logged model; omit entity_version.")
+            return ModelSource("logged", rest)
         if not name:
             raise InvalidParameterValue(
                 f"{where}.entity_name {entity_name!r} names no version: use models:/<name>/<version>, "
@@ -91,7 +100,12 @@ def parse_source(entity_name: str, entity_version: str | None, where: str = "ser
         if entity_version is not None:
             raise InvalidParameterValue(f"{where}.entity_version does not apply to a runs:/ URI.")
         return ModelSource("run", path.strip("/"), run_id)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", entity_name):  # another scheme: an artifact URI
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", entity_name)
+    if scheme:  # another scheme: an artifact URI
+        if scheme.group(1).lower() in _REFUSED_SCHEMES:
+            raise InvalidParameterValue(
+                f"{where}.entity_name {entity_name!r}: {scheme.group(1)} URIs are not served (the server would "
+                "fetch any address a caller names); register the model, or use an artifact store URI.")
         if entity_version is not None:
             raise InvalidParameterValue(f"{where}.entity_version does not apply to an artifact URI.")
         return ModelSource("uri", entity_name)

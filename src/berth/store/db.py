@@ -198,7 +198,7 @@ class Store:
         with self.engine.begin() as conn:
             result = conn.execute(
                 endpoints.update()
-                .where(endpoints.c.name == record.name)
+                .where(endpoints.c.name == record.name, endpoints.c.id == record.id)  # not a re-created namesake
                 .values(doc=orjson.dumps(record.doc).decode())
             )
             if result.rowcount == 0:

@@ -17,6 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from berth.store.engine import StoreError, safe_url
 
@@ -76,6 +77,9 @@ def upgrade(engine: sa.Engine, scripts: Path = SCRIPTS) -> None:
             conn.commit()
     except sa.exc.DBAPIError as exc:
         raise StoreError(f"Cannot migrate the store at {safe_url(engine.url)}: {_reason(exc)}") from exc
+    except CommandError as exc:  # e.g. a revision this Berth does not know: the store is newer than the code
+        raise StoreError(f"Cannot migrate the store at {safe_url(engine.url)}: {exc}. Was it last used by a "
+                         "newer Berth?") from exc
 
 
 def _reason(exc: sa.exc.DBAPIError) -> str:

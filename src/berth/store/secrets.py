@@ -114,6 +114,21 @@ class SecretStore:
                 "The store's secrets were written with another key. Servers sharing a store need the same "
                 f"{KEY_ENV} (or the same {KEY_FILE} in their data directories).")
 
+    def rotate(self) -> int:
+        """Re-encrypt every secret and the check token with the cipher's first key, in one transaction (after
+        a start with `BERTH_SECRETS_KEY=new,old`, `old` can be dropped). Returns the secrets re-encrypted."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(secret_values.c.scope, secret_values.c.key, secret_values.c.value)).all()
+            for row in rows:
+                conn.execute(secret_values.update()
+                             .where(secret_values.c.scope == row.scope, secret_values.c.key == row.key)
+                             .values(value=self.cipher.rotate(row.value.encode()).decode()))
+            token = conn.execute(sa.select(platform_keys.c.value).where(platform_keys.c.name == CHECK_NAME)).scalar()
+            if token is not None:
+                conn.execute(platform_keys.update().where(platform_keys.c.name == CHECK_NAME)
+                             .values(value=self.cipher.rotate(token.encode()).decode()))
+        return len(rows)
+
     # Scopes
     def create_scope(self, name: str, owner: str | None) -> ScopeRecord:
         record = ScopeRecord(name, owner, time.time())
