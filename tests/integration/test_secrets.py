@@ -313,3 +313,19 @@ def test_a_server_with_another_key_refuses_to_start_on_the_same_store(server_fac
     (first.data_dir / "secrets.key").unlink()  # a new key file will be made: not the one the store knows
     with pytest.raises(AssertionError, match="written with another key"):
         server_factory(data_dir=first.data_dir)
+
+
+@pytest.mark.parametrize("variable", ["BERTH_ADMIN_TOKEN", "BERTH_CONFIG_DIR"])  # both set for every test server
+def test_a_model_never_inherits_the_platforms_own_settings(shared_server: ServerProcess, model_zoo: Any,
+                                                           unique_name: str, variable: str) -> None:
+    """The server runs with BERTH_ADMIN_TOKEN and BERTH_CONFIG_DIR set (tests/conftest.py); a model that reads
+    one gets nothing, while a variable its entity names reaches it."""
+    model = str(model_zoo("env_digest_model", variable=variable))
+    assert shared_server.create(unique_name, {"served_entities": [{"entity_name": model, "name": "env"}]}
+                                ).status_code == 200
+    try:
+        assert shared_server.wait_not_updating(unique_name)["state"]["ready"] == "READY"
+        answer = shared_server.invoke(unique_name, {"dataframe_records": [{"x": 1.0}]})
+        assert answer.json()["predictions"] == ["unset"], answer.text
+    finally:
+        shared_server.api("DELETE", f"/{unique_name}")

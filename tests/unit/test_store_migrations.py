@@ -197,5 +197,5 @@ def test_the_baseline_is_the_schema_before_migrations() -> None:
 def test_a_store_newer_than_the_code_is_a_one_line_error(store_url: str) -> None:
     Store(store_url).close()
     execute(store_url, f"UPDATE {migrate.VERSION_TABLE} SET version_num = '9999'")
-    with pytest.raises(StoreError, match="Can't locate revision identified by '9999'.*newer Berth"):
+    with pytest.raises(StoreError, match=r"Can't locate revision identified by '9999'.*newer Berth"):
         Store(store_url)
