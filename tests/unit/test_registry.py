@@ -164,3 +164,15 @@ def test_logged_model_uris_and_refused_schemes() -> None:
         with pytest.raises(InvalidParameterValue, match="not served"):
             parse_source(uri, None)
     assert parse_source("s3://bucket/model", None).kind == "uri"
+
+
+def test_eviction_spares_what_was_used_after_its_in_use_snapshot(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path, max_bytes=0, tracking_uri=None)
+    for uri, body in (("s3://b/one", b"1"), ("s3://b/two", b"2")):
+        cache.fetch(uri, download=writer({**MODEL, "model.pkl": body}), evict=False)
+        path = tmp_path / "refs" / f"{cache.key(uri)}.json"
+        os.utime(path, (1_000, 1_000))  # used long ago
+    taken_at = 2_000.0  # the snapshot (in use: nothing) ...
+    cache.lookup("s3://b/one")  # ... and a use it cannot show
+    assert cache.evict(set(), taken_at=taken_at) == ["s3://b/two"]
+    assert cache.lookup("s3://b/one") is not None
