@@ -56,9 +56,14 @@ PLATFORM_ONLY_ENV = frozenset({
 })
 
 
+REPLICA_SETTINGS = frozenset({"BERTH_OTLP_ENDPOINT"})  # the BERTH_* a replica reads itself (its traces)
+
+
 def inherited_env() -> dict[str, str]:
-    """The server's environment as replicas inherit it: without `BERTH_*` and `PLATFORM_ONLY_ENV`."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("BERTH_") and k not in PLATFORM_ONLY_ENV}
+    """The server's environment as replicas inherit it: without `BERTH_*` (but `REPLICA_SETTINGS`) and
+    `PLATFORM_ONLY_ENV`."""
+    return {k: v for k, v in os.environ.items()
+            if (k in REPLICA_SETTINGS or not k.startswith("BERTH_")) and k not in PLATFORM_ONLY_ENV}
 
 
 THREAD_ENV_DEFAULTS = {
