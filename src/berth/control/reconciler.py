@@ -284,19 +284,8 @@ class Reconciler:
             entity.crashes = 0
             entity.message = f"Fetched {_described(entity)}; starting replicas."
             return True
-        entity.crashes += 1
-        fields = {**_fields(entity), "event": "artifact_fetch_failed", "artifact_uri": pinned.artifact_uri}
-        if entity.crashes >= self.crash_policy.limit:
-            entity.deployment = Deployment.FAILED
-            entity.message = f"Failed to fetch {_described(entity)}: {error}"
-            log.error("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message,
-                      extra=fields)
-            return True
-        delay = self.crash_policy.delay(entity.crashes)
-        entity.next_start_at = now + delay
-        entity.message = (f"Fetching {_described(entity)} failed (try {entity.crashes} of {self.crash_policy.limit}):"
-                          f" {error}; retrying in {delay:.1f} s.")
-        log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message, extra=fields)
+        reason = str(error) if error is not None else "the fetch was cancelled"
+        self._setback(entity, now, f"Fetching {_described(entity)}", reason, "artifact_fetch_failed")
         return True
 
     async def _fetch_source(self, artifact_uri: str) -> Path:
@@ -414,24 +403,31 @@ class Reconciler:
         return True
 
     async def _start_failed(self, entity: EntityRuntime, reason: str, now: float) -> None:
-        """A replica could not be started (a secret it names is gone): a crash under the crash policy,
-        after which the entity fails. `reason` names the reference, never a value."""
+        """A replica could not be started (a secret it names is gone): a setback under the crash policy;
+        `reason` names the reference, never a value."""
+        if self._setback(entity, now, "Starting a replica", reason, "replica_start_failed"):
+            await self._stop_entities([entity], grace_s=2.0, keep_state=True)
+
+    def _setback(self, entity: EntityRuntime, now: float, what: str, reason: str, event: str) -> bool:
+        """One more failure in a row of `what` under the crash policy: back off, or at the limit fail the
+        entity (True). Its state message says which, with `reason`."""
         entity.crashes = self.crash_policy.consecutive(entity.crashes, None)
-        fields = {**_fields(entity), "event": "replica_start_failed", "crashes": entity.crashes}
+        reason = reason.strip().rstrip(".")
+        fields = {**_fields(entity), "event": event, "crashes": entity.crashes}
         if entity.crashes >= self.crash_policy.limit:
             entity.deployment = Deployment.FAILED
-            entity.message = f"Could not start a replica {entity.crashes} times in a row: {reason}"
+            entity.message = f"{what} failed {entity.crashes} times in a row: {reason}"
             log.error("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message,
                       extra=fields)
-            await self._stop_entities([entity], grace_s=2.0, keep_state=True)
-            return
+            return True
         delay = self.crash_policy.delay(entity.crashes)
         entity.next_start_at = now + delay
         entity.deployment = Deployment.RECOVERING if entity.ever_ready else Deployment.CREATING
-        entity.message = (f"Could not start a replica (try {entity.crashes} of {self.crash_policy.limit}): {reason} "
-                          f"Retrying in {delay:.1f} s.")
+        entity.message = (f"{what} failed (try {entity.crashes} of {self.crash_policy.limit}): {reason}; "
+                          f"retrying in {delay:.1f} s.")
         log.warning("endpoint %s entity %s: %s", entity.endpoint_name, entity.spec.name, entity.message,
                     extra={**fields, "restart_in_s": round(delay, 3)})
+        return False
 
     async def _check_environment(self, entity: EntityRuntime, model_uri: str) -> None:
         """Once per entity, before its first replica: the model's requirements against Berth's own
