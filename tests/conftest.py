@@ -112,6 +112,16 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def interrupt(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
+    """Ctrl-C a process group started with `start_new_session` (SIGKILL after `timeout`); its exit status."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
 def start_server(
     base: Path, *, data_dir: Path | None = None, extra_env: dict[str, str] | None = None,
     admin_token: str | None = ADMIN_TOKEN, args: list[str] | None = None, store_url: str | None = None,

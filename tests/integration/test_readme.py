@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 
@@ -13,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, interrupt
 
 pytestmark = pytest.mark.slow
 
@@ -75,12 +74,7 @@ def test_readme_serve_command_serves_a_demo_model(tmp_path):
         ]
         assert replicas, "the model runs in a replica process of its own"
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        interrupt(proc)
     assert proc.returncode == 0, log_path.read_text()
     _gone, alive = psutil.wait_procs(replicas, timeout=10)
     assert not alive, "Ctrl-C stops the replicas too"

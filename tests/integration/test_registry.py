@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from berth.registry.cache import ArtifactCache
-from tests.conftest import REPO, ServerProcess, start_server
+from tests.conftest import REPO, ServerProcess, interrupt, start_server
 from tests.fixtures.mlflow_server import BIG_FILE_MB, TrackingServer, start_tracking_server
 
 pytestmark = pytest.mark.slow  # a tracking server and its models (~20 s), then replicas
@@ -285,12 +285,7 @@ def test_berth_serve_takes_a_registry_uri(tmp_path: Path, tracking: TrackingServ
         assert response.json()["predictions"] == [2, 2]
         assert "serves models:/const/2" in log_path.read_text()
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        interrupt(proc)
 
 
 def test_the_databricks_sdk_serves_a_registered_model_version(berth: ServerProcess, tracking: TrackingServer) -> None:
