@@ -278,13 +278,15 @@ class Reconciler:
             return changed
         if self._fetches.get(pinned.artifact_uri) is task:
             del self._fetches[pinned.artifact_uri]
-        error = None if task.cancelled() else task.exception()
-        if error is None and not task.cancelled():
+        if task.cancelled():
+            reason = "the fetch was cancelled"
+        elif (error := task.exception()) is not None:
+            reason = str(error)
+        else:
             entity.model_path = str(task.result())
             entity.crashes = 0
             entity.message = f"Fetched {_described(entity)}; starting replicas."
             return True
-        reason = str(error) if error is not None else "the fetch was cancelled"
         self._setback(entity, now, f"Fetching {_described(entity)}", reason, "artifact_fetch_failed")
         return True
 
@@ -294,9 +296,9 @@ class Reconciler:
         assert self.artifacts is not None
         started = time.monotonic()
         tree = await self.artifacts.fetch_async(artifact_uri)
-        log.info("artifact %s ready in %.2f s: %s", artifact_uri, time.monotonic() - started, tree,
-                 extra={"event": "artifact_ready", "artifact_uri": artifact_uri, "fetch_s": round(
-                     time.monotonic() - started, 3)})
+        took = time.monotonic() - started
+        log.info("artifact %s ready in %.2f s: %s", artifact_uri, took, tree,
+                 extra={"event": "artifact_ready", "artifact_uri": artifact_uri, "fetch_s": round(took, 3)})
         in_use, taken_at = self.artifacts_in_use(), time.time()
         try:
             await asyncio.to_thread(self.artifacts.evict, in_use, taken_at=taken_at)

@@ -10,7 +10,6 @@ import asyncio
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from berth.access.permissions import Caller
@@ -22,7 +21,7 @@ from berth.control.spec import (
     ReplicaPlan,
     ServedEntitySpec,
     parse_config,
-    pin,
+    pin_config,
     plan_replicas,
     secret_references,
     validate_endpoint_name,
@@ -172,9 +171,7 @@ class EndpointService:
             raise TemporarilyUnavailable(
                 f"The MLflow tracking server did not resolve {', '.join(s.model_uri for s in remote)} within "
                 f"{PIN_TIMEOUT_S:.0f} s; nothing was changed.", retry_after=10) from None
-        pinned = dict(zip([spec.name for spec in remote], pins, strict=True))
-        return replace(config, served_entities=tuple(
-            pin(spec, pinned[spec.name]) if spec.name in pinned else spec for spec in config.served_entities))
+        return pin_config(config, dict(zip([spec.name for spec in remote], pins, strict=True)))
 
     def require_secrets(self, config: EndpointConfig, caller: Caller | None) -> None:
         """The secrets the config's environment_vars name exist and the caller manages their scopes."""
@@ -384,11 +381,8 @@ class EndpointService:
             saved = doc.get(slot)
             if saved is None:
                 continue
-            config = parse_config(saved["config"])
-            pins = saved.get("pinned") or {}
-            config = replace(config, served_entities=tuple(
-                pin(spec, PinnedModel.from_dict(pins[spec.name])) if spec.name in pins else spec
-                for spec in config.served_entities))
+            pins = {name: PinnedModel.from_dict(raw) for name, raw in (saved.get("pinned") or {}).items()}
+            config = pin_config(parse_config(saved["config"]), pins)
             cfg, rescale = self._config_runtime(endpoint, saved["version"], config)
             for entity, spec, plan in rescale:
                 entity.replan(spec, plan)

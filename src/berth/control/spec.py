@@ -168,9 +168,10 @@ def is_model_uri(entity_name: str) -> bool:
     return ":" in entity_name or "/" in entity_name or entity_name.startswith(".")
 
 
-def pin(spec: ServedEntitySpec, pinned: PinnedModel | None) -> ServedEntitySpec:
-    """The spec with its remote source pinned (None for a local model)."""
-    return replace(spec, pinned=pinned)
+def pin_config(config: EndpointConfig, pins: dict[str, PinnedModel]) -> EndpointConfig:
+    """The config with each entity named in `pins` pinned to its remote source (the others as they are)."""
+    return replace(config, served_entities=tuple(
+        replace(spec, pinned=pins[spec.name]) if spec.name in pins else spec for spec in config.served_entities))
 
 
 def sanitize_name(text: str) -> str:

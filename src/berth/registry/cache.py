@@ -187,9 +187,9 @@ class ArtifactCache:
         return await fetch_in_child(self.root, self.tracking_uri, artifact_uri)
 
     def _download(self, artifact_uri: str, dest: Path) -> None:
-        from berth.registry.resolver import _client_defaults
+        from berth.registry.resolver import client_defaults
 
-        _client_defaults()
+        client_defaults()
         import mlflow.artifacts
 
         dest.mkdir(parents=True, exist_ok=True)

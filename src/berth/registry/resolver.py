@@ -28,7 +28,8 @@ _CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST
 
 
 
-def _client_defaults() -> None:
+def client_defaults() -> None:
+    """Berth's defaults for MLflow's HTTP retries and timeout, unless the user set them."""
     for key, value in _CLIENT_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
@@ -42,7 +43,7 @@ class Resolver:
 
     def client(self) -> Any:
         if self._client is None:
-            _client_defaults()
+            client_defaults()
             import mlflow
             from mlflow import MlflowClient
 
